@@ -1,0 +1,20 @@
+# kvbench: capture real KV caches once, compress them with every codec, measure, report.
+# Logic lives in src/kvbench; rules stay declarative; scripts in workflow/scripts are adapters.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/capture.smk"
+include: "workflow/rules/compress.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,109 @@
+"""Throughput benchmark: encode+decode MB/s of bf16 input for every configured codec.
+
+    python -m kvbench.bench --capture results/kv/smollm2-135m/ctx8192            # CPU
+    python -m kvbench.bench --device gpu --capture ... --tile-gib 2             # GPU + CPU ratio
+
+Input is real captured KV: the K and V streams of the capture's first full-attention layer, stacked
+along the head axis; on GPU the capture's full layers are tiled along the head axis until the input
+reaches ``--tile-gib`` GiB of bf16. Results go to stdout (and ``--json``); record them in
+BENCHMARKS.md with the machine named. This is a benchmark, not a test: nothing asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from kvbench.backend import get_xp
+from kvbench.codecs.base import STREAMS, build_codec
+from kvbench.compress import _sync
+from kvbench.shards import load_manifest, read_shard
+
+
+def load_full_layers(capture_dir: Path, max_layers: int | None) -> list[np.ndarray]:
+    """K and V streams of the first ``max_layers`` full-attention layers, as float32 host arrays."""
+    manifest = load_manifest(capture_dir)
+    full = [e for e in manifest["layers"] if e["type"] == "full"][:max_layers]
+    return [read_shard(capture_dir, e["shards"][s]) for e in full for s in STREAMS]
+
+
+def stack_input(streams: list[np.ndarray], min_bytes: int) -> np.ndarray:
+    """Stack same-shaped streams along heads, repeating them until >= ``min_bytes`` of bf16."""
+    shape = streams[0].shape[1:]
+    usable = [s for s in streams if s.shape[1:] == shape]
+    x = np.concatenate(usable, axis=0)
+    reps = max(1, -(-min_bytes // (2 * x.size)))
+    return np.concatenate([x] * reps, axis=0) if reps > 1 else x
+
+
+def time_codec(codec, x, repeat: int) -> float:
+    """Median seconds of encode+decode of ``x`` (both streams' code paths, alternating)."""
+    xp = codec.xp
+    xd = xp.asarray(x)
+    codec.decode(codec.encode(xd[: max(1, xd.shape[0] // 8)], stream="k"))  # warm-up / JIT
+    times = []
+    for i in range(repeat):
+        _sync(xp)
+        t0 = time.perf_counter()
+        codec.decode(codec.encode(xd, stream=STREAMS[i % 2]))
+        _sync(xp)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(args) -> list[dict]:
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    codecs = args.codecs or list(cfg["codecs"])
+    streams = load_full_layers(Path(args.capture), args.layers)
+    cpu_x = stack_input(streams[:2], 0)
+    dev_x = stack_input(streams, int(args.tile_gib * 2**30)) if args.device == "gpu" else None
+    rows = []
+    for name in codecs:
+        row = {"codec": name, "cpu_mb_s": None, "gpu_gb_s": None}
+        if args.device == "gpu":
+            codec = build_codec(name, cfg["codecs"], get_xp("gpu"))
+            t = time_codec(codec, dev_x, args.repeat)
+            row |= {"gpu_gb_s": 2 * dev_x.size / t / 1e9, "gpu_input_gib": 2 * dev_x.size / 2**30}
+        if not args.skip_cpu:
+            t = time_codec(build_codec(name, cfg["codecs"], np), cpu_x, args.repeat)
+            row["cpu_mb_s"] = 2 * cpu_x.size / t / 1e6
+        if row["cpu_mb_s"] and row["gpu_gb_s"]:
+            row["gpu_over_cpu"] = row["gpu_gb_s"] * 1e3 / row["cpu_mb_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--capture", default="results/kv/smollm2-135m/ctx8192")
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--codecs", nargs="*", help="codec names (default: every configured codec)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--tile-gib", type=float, default=2.0, help="GPU input size (GiB of bf16)")
+    ap.add_argument("--layers", type=int, default=None, help="use only the first N full layers")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-cpu", action="store_true", help="GPU only (no CPU ratio)")
+    ap.add_argument("--json", help="write the result rows here")
+    args = ap.parse_args(argv)
+    rows = run(args)
+    header = f"\n{'codec':<20} {'CPU MB/s':>10} {'GPU GB/s':>10} {'GPU/CPU':>8}"
+    print(header + f"   ({platform.processor() or platform.machine()}, capture {args.capture})")
+    for r in rows:
+        cpu = f"{r['cpu_mb_s']:.1f}" if r["cpu_mb_s"] else "-"
+        gpu = f"{r['gpu_gb_s']:.2f}" if r["gpu_gb_s"] else "-"
+        ratio = f"{r['gpu_over_cpu']:.0f}x" if r.get("gpu_over_cpu") else "-"
+        print(f"{r['codec']:<20} {cpu:>10} {gpu:>10} {ratio:>8}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
