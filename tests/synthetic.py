@@ -19,13 +19,17 @@ def make_capture(
     ctx: int = 2048,
     seed: int = 0,
 ) -> Path:
-    """Write a capture with ``layers = [(type, n_kv, tokens, head_dim), ...]`` of correlated data."""
+    """Write a capture of correlated data; ``layers = [(type, n_kv, tokens, head_dim), ...]``."""
     rng = np.random.default_rng(seed)
     entries = []
     for i, (kind, n_kv, tokens, d) in enumerate(layers):
         shards = {}
         mix = rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
-        for stream, shape in (("k", (n_kv, tokens, d)), ("v", (n_kv, tokens, d)), ("q", (n_heads, n_q, d))):
+        for stream, shape in (
+            ("k", (n_kv, tokens, d)),
+            ("v", (n_kv, tokens, d)),
+            ("q", (n_heads, n_q, d)),
+        ):
             x = rng.standard_normal(shape).astype(np.float32) @ mix
             x[..., 0] += 3.0  # a dominant direction, as real keys have
             name = f"L{i:02d}.{stream}.npy"

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from kvbench.backend import get_xp
+from kvbench.backend import get_xp, synchronize
 from kvbench.codecs.base import STREAMS, build_codec
-from kvbench.compress import _sync
 from kvbench.shards import load_manifest, read_shard
 
 
@@ -50,10 +49,10 @@ def time_codec(codec, x, repeat: int) -> float:
     codec.decode(codec.encode(xd[: max(1, xd.shape[0] // 8)], stream="k"))  # warm-up / JIT
     times = []
     for i in range(repeat):
-        _sync(xp)
+        synchronize(xp)
         t0 = time.perf_counter()
         codec.decode(codec.encode(xd, stream=STREAMS[i % 2]))
-        _sync(xp)
+        synchronize(xp)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -10,13 +10,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kvbench.backend import get_xp, to_numpy
+from kvbench.backend import get_xp, synchronize, to_numpy
 from kvbench.codecs.base import BYTE_FIELDS, STREAMS, Codec, build_codec
 from kvbench.metrics import inner_product_error, reconstruction_errors
 from kvbench.shards import load_manifest, read_shard
@@ -24,11 +23,6 @@ from kvbench.shards import load_manifest, read_shard
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["model", "ctx", "codec", "layer", "stream"]
-
-
-def _sync(xp: ModuleType) -> None:
-    if xp is not np:
-        xp.cuda.Stream.null.synchronize()
 
 
 def stream_codec_name(codec: Codec, stream: str) -> str:
@@ -44,13 +38,13 @@ def compress_stream(codec: Codec, x: np.ndarray, stream: str, layer: int, compre
     if not compress:
         return x, {"passthrough": 2 * n_kv * t * d}, {}, {"encode_s": 0.0, "decode_s": 0.0}
     x_dev = xp.asarray(x)
-    _sync(xp)
+    synchronize(xp)
     t0 = time.perf_counter()
     enc = codec.encode(x_dev, stream=stream, layer=layer)
-    _sync(xp)
+    synchronize(xp)
     t1 = time.perf_counter()
     x_hat = codec.decode(enc)
-    _sync(xp)
+    synchronize(xp)
     t2 = time.perf_counter()
     nbytes = codec.nbytes(enc)
     bad = set(nbytes) - set(BYTE_FIELDS)

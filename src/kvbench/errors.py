@@ -1,4 +1,4 @@
-"""One exception type for every user-facing failure, so the CLI and Snakemake show a clean message."""
+"""One exception type for every user-facing failure, so users see a clean message."""
 
 
 class KvbenchError(RuntimeError):

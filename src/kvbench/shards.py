@@ -111,8 +111,9 @@ def read_shard(capture_dir: str | Path, entry: dict[str, Any], verify: bool = Tr
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise KvbenchError(
-                f"{path}: sha256 mismatch (manifest {entry['sha256'][:12]}…, file {digest[:12]}…); "
-                "the shard is corrupt or truncated: delete the capture directory and rerun capture_kv"
+                f"{path}: sha256 mismatch (manifest {entry['sha256'][:12]}…, "
+                f"file {digest[:12]}…); the shard is corrupt or truncated: delete the capture "
+                "directory and rerun capture_kv"
             )
     try:
         bits = np.load(path, mmap_mode="r", allow_pickle=False)

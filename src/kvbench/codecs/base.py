@@ -57,7 +57,7 @@ class Codec(ABC):
         self.params = {**self.DEFAULTS, **params}
         self.check_params()
 
-    def check_params(self) -> None:
+    def check_params(self) -> None:  # noqa: B027  (optional hook; most families override it)
         """Raise KvbenchError naming the parameter when a value is out of range."""
 
     def _param_error(self, key: str, msg: str) -> KvbenchError:
@@ -108,7 +108,9 @@ def resolve_spec(name: str, codecs_cfg: dict[str, dict]) -> dict[str, Any]:
         for stream in STREAMS:
             part = spec.get(stream)
             if part == name or codecs_cfg.get(part, {}).get("family") == "split":
-                raise KvbenchError(f"codec {name!r}: split part {stream}={part!r} must not be split")
+                raise KvbenchError(
+                    f"codec {name!r}: split part {stream}={part!r} must not be split"
+                )
             spec[stream] = {"name": part, **resolve_spec(part, codecs_cfg)}
     return spec
 
