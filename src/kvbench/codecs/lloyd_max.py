@@ -4,7 +4,8 @@ Three tables (spec turboquant.md 2.2, 6 items 6-7), all sorted ascending, float6
 
 ``prototype_centroids(b, d)``
     Exactly the prototype's ``optimal_centroids`` (turboquant_plus ``codebook.py`` at 422324e):
-    b=1 ``+-sqrt(2/(pi d))``; b=2 the rounded paper constants ``[-1.51, -0.453, 0.453, 1.51]/sqrt(d)``;
+    b=1 ``+-sqrt(2/(pi d))``; b=2 the rounded paper constants
+    ``[-1.51, -0.453, 0.453, 1.51]/sqrt(d)``;
     b>=3 Lloyd on N(0, sigma^2), sigma = 1/sqrt(d), started from the equal-probability bins and
     stopped after exactly 100 iterations (b=4 is therefore *not* converged: outer value 2.7177
     sigma, not Lloyd-Max's 2.7326 sigma). Reproduces the spec's measured values to ~1e-6.
@@ -21,7 +22,7 @@ approximation polished with Halley steps (|error| ~1e-15 relative). Results are 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -57,12 +58,29 @@ def norm_sf(x: float) -> float:
 
 
 # Acklam's coefficients for the inverse normal cdf (relative error < 1.15e-9 before polishing).
-_A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
-      1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)  # fmt: skip
-_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
-      6.680131188771972e01, -1.328068155288572e01)  # fmt: skip
-_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
-      -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)  # fmt: skip
+_A = (
+    -3.969683028665376e01,
+    2.209460984245205e02,
+    -2.759285104469687e02,
+    1.383577518672690e02,
+    -3.066479806614716e01,
+    2.506628277459239e00,
+)
+_B = (
+    -5.447609879822406e01,
+    1.615858368580409e02,
+    -1.556989798598866e02,
+    6.680131188771972e01,
+    -1.328068155288572e01,
+)
+_C = (
+    -7.784894002430293e-03,
+    -3.223964580411365e-01,
+    -2.400758277161838e00,
+    -2.549732539343734e00,
+    4.374664141464968e00,
+    2.938163982698783e00,
+)
 _D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
 
 
@@ -81,8 +99,10 @@ def norm_ppf(p: float) -> float:
     elif p <= 1.0 - lo:
         q = p - 0.5
         r = q * q
-        x = (((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5]) * q / (
-            ((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0
+        x = (
+            (((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5])
+            * q
+            / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0)
         )
     else:
         q = math.sqrt(-2.0 * math.log1p(-p))
@@ -98,7 +118,7 @@ def norm_ppf(p: float) -> float:
 
 
 def _cond_mean(sigma: float, a: float, b: float) -> float:
-    """E[X | a < X < b] for X ~ N(0, sigma^2): the prototype's ``_gaussian_conditional_expectation``."""
+    """E[X | a < X < b] for X ~ N(0, sigma^2) (prototype: ``_gaussian_conditional_expectation``)."""
     a_std = a / sigma if math.isfinite(a) else a
     b_std = b / sigma if math.isfinite(b) else b
     if not math.isfinite(a_std):
@@ -148,7 +168,7 @@ def _check(b: int, d: int) -> None:
         raise ValueError(f"codebook dimension must be >= 1, got {d}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _prototype(b: int, d: int) -> tuple[float, ...]:
     if b == 1:
         c = math.sqrt(2.0 / (math.pi * d))
@@ -158,12 +178,12 @@ def _prototype(b: int, d: int) -> tuple[float, ...]:
     return tuple(_lloyd(1 << b, 1.0 / math.sqrt(d), 100))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _converged(b: int, d: int) -> tuple[float, ...]:
     return tuple(_lloyd(1 << b, 1.0 / math.sqrt(d), None))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _equal_mass(b: int, d: int) -> tuple[float, ...]:
     return tuple(_lloyd(1 << b, 1.0 / math.sqrt(d), 0))
 
