@@ -29,20 +29,37 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers never see half a file."""
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write(path: str | Path, write) -> str:
+    """Write through ``write(file)`` to a temp file beside ``path``, fsync, chmod, rename.
+
+    Readers never see half a file, an interrupted run leaves no output behind, and the file gets
+    the usual umask permissions (mkstemp alone would make it 0600). Returns the sha256.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return digest
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -65,20 +82,7 @@ def write_shard(path: str | Path, bits: np.ndarray) -> str:
     """Atomically write a uint16 bf16-bit array as .npy; return its sha256."""
     if bits.dtype != np.uint16:
         raise KvbenchError(f"shard {path}: expected uint16 bf16 bits, got {bits.dtype}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(bits), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+    return _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(bits), allow_pickle=False))
 
 
 def load_manifest(capture_dir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""Snakemake adapter: render SUMMARY.md, DECISION.md and the figures from the result tables."""
+
+import logging
+from pathlib import Path
+
+from kvbench.report import write_reports
+
+logging.basicConfig(
+    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+)
+write_reports(
+    metrics=snakemake.input.metrics,
+    summary=snakemake.input.summary,
+    extrapolation=snakemake.input.extrapolation,
+    timings=snakemake.input.timings,
+    manifests=[Path(p).parent for p in snakemake.input.manifests],
+    ablation=list(snakemake.input.ablation),
+    quality=list(snakemake.input.quality),
+    cfg=snakemake.params.cfg,
+    summary_md=snakemake.output.summary_md,
+    decision_md=snakemake.output.decision_md,
+    figures=list(snakemake.output.figures),
+)
