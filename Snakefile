@@ -12,9 +12,15 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/capture.smk"
 include: "workflow/rules/compress.smk"
+include: "workflow/rules/ablation.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/quality.smk"
 
 
 rule all:
     input:
         all_targets(),
+        quality_targets(),
+        "results/SUMMARY.md",
+        "results/DECISION.md",
     default_target: True
