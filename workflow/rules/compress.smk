@@ -19,6 +19,10 @@ rule compress:
         "benchmarks/compress/{model}/ctx{ctx}/{codec}.tsv"
     resources:
         mem_mb=lambda wc: 2048 + int(wc.ctx) // 4,
+        # One card per GPU job; kvbench.backend's lock pool picks which card (backend: gpu|auto).
+        gpu=0 if config["backend"] == "cpu" else 1,
     threads: 1
+    conda:
+        "../../envs/cpu.yaml" if config["backend"] == "cpu" else "../../envs/gpu.yaml"
     script:
         "../scripts/compress.py"
