@@ -20,6 +20,6 @@ rule ablation:
         mem_mb=2048 + ABLATION["ctx"] // 2,
     threads: 1
     conda:
-        "../../envs/cpu.yaml"
+        "../../envs/gpu.yaml" if config["backend"] == "gpu" else "../../envs/cpu.yaml"
     script:
         "../scripts/ablation.py"

@@ -20,9 +20,9 @@ rule compress:
     resources:
         mem_mb=lambda wc: 2048 + int(wc.ctx) // 4,
         # One card per GPU job; kvbench.backend's lock pool picks which card (backend: gpu|auto).
-        gpu=0 if config["backend"] == "cpu" else 1,
+        gpu=1 if config["backend"] == "gpu" else 0,
     threads: 1
     conda:
-        "../../envs/cpu.yaml" if config["backend"] == "cpu" else "../../envs/gpu.yaml"
+        "../../envs/gpu.yaml" if config["backend"] == "gpu" else "../../envs/cpu.yaml"
     script:
         "../scripts/compress.py"
