@@ -38,10 +38,11 @@ def inner_product_error(xp: ModuleType, q, k, k_hat) -> float:
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads do not group onto {n_kv} KV heads")
     group = n_heads // n_kv
-    qg = xp.asarray(q, dtype=xp.float64).reshape(n_kv, group * q.shape[1], q.shape[2])
-    k64 = xp.asarray(k, dtype=xp.float64)
-    kh64 = xp.asarray(k_hat, dtype=xp.float64)
-    exact = qg @ k64.transpose(0, 2, 1)
-    approx = qg @ kh64.transpose(0, 2, 1)
-    denom = float(xp.mean(xp.abs(exact)))
-    return float(xp.mean(xp.abs(exact - approx))) / denom if denom > 0 else float("nan")
+    # float32 products of bf16-valued inputs are accurate to ~1e-7 relative, far below any codec
+    # error, and 4x cheaper than float64; the means are taken in float64.
+    qg = xp.asarray(q, dtype=xp.float32).reshape(n_kv, group * q.shape[1], q.shape[2])
+    k32 = xp.asarray(k, dtype=xp.float32)
+    exact = qg @ k32.transpose(0, 2, 1)
+    err = qg @ (xp.asarray(k_hat, dtype=xp.float32) - k32).transpose(0, 2, 1)
+    denom = float(xp.mean(xp.abs(exact), dtype=xp.float64))
+    return float(xp.mean(xp.abs(err), dtype=xp.float64)) / denom if denom > 0 else float("nan")
