@@ -43,7 +43,11 @@ def make_capture(
                 "n_heads": n_heads,
                 "tokens": tokens,
                 "token_start": ctx - tokens,
+                "q_positions": sorted(
+                    int(p) for p in rng.choice(tokens, n_q, replace=False) + ctx - tokens
+                ),
                 "head_dim": d,
+                "sliding_window": tokens + 1 if kind == "sliding" else None,
                 "shards": shards,
             }
         )

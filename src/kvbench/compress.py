@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvbench.attention import ATTN_COLUMNS, layer_attention_metrics
 from kvbench.backend import get_xp, synchronize, to_numpy
-from kvbench.codecs.base import BYTE_FIELDS, STREAMS, Codec, build_codec
+from kvbench.codecs.base import BYTE_FIELDS, STREAMS, Codec
+from kvbench.codecs.skip import build_codec_for_capture, layer_compressed
 from kvbench.metrics import inner_product_error, reconstruction_errors
 from kvbench.shards import load_manifest, read_shard
 
@@ -66,15 +68,18 @@ def compress_capture(
     """
     manifest = load_manifest(capture_dir)
     xp = get_xp(backend)
-    codec = build_codec(codec_name, codecs_cfg, xp)
+    n_layers = max(int(e["index"]) for e in manifest["layers"]) + 1
+    codec = build_codec_for_capture(codec_name, codecs_cfg, n_layers, xp)
     rows, timings = [], []
     for entry in manifest["layers"]:
         layer, shards = entry["index"], entry["shards"]
         q = read_shard(capture_dir, shards["q"]) if "q" in shards else None
+        layer_rows, exact, decoded = [], {}, {}
         for stream in STREAMS:
             x = read_shard(capture_dir, shards[stream])
-            compress = entry["type"] != "sliding" or codec.compresses_sliding(stream)
+            compress = layer_compressed(codec, entry, stream)
             x_hat, nbytes, legacy, timing = compress_stream(codec, x, stream, layer, compress)
+            exact[stream], decoded[stream] = x, x_hat
             n_kv, tokens, head_dim = x.shape
             total = sum(int(nbytes.get(f, 0)) for f in BYTE_FIELDS)
             row = {
@@ -102,7 +107,7 @@ def compress_capture(
                     else math.nan
                 ),
             }
-            rows.append(row)
+            layer_rows.append(row)
             timings.append(
                 {
                     **{k: row[k] for k in KEY_COLUMNS},
@@ -110,12 +115,20 @@ def compress_capture(
                     "backend": "gpu" if xp is not np else "cpu",
                 }
             )
+        if q is not None:
+            # Attention error is a property of the layer (K and V together): same on both rows.
+            attn = layer_attention_metrics(
+                entry, q, exact["k"], exact["v"], decoded["k"], decoded["v"]
+            )
+            for row in layer_rows:
+                row.update({c: attn[c] for c in ATTN_COLUMNS})
+        rows += layer_rows
         log.info(
             "layer %02d (%s): K %s B, V %s B",
             layer,
             entry["type"],
-            rows[-2]["bytes_total"],
-            rows[-1]["bytes_total"],
+            layer_rows[0]["bytes_total"],
+            layer_rows[1]["bytes_total"],
         )
     table = pd.DataFrame(rows)
     legacy_cols = sorted(c for c in table.columns if c.startswith("legacy_"))

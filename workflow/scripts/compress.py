@@ -2,8 +2,12 @@
 
 import logging
 
-from kvbench.compress import compress_capture
-from kvbench.tables import write_parquet
+from kvbench.blas import pin_blas_threads
+
+pin_blas_threads(snakemake.threads)  # before numpy is imported
+
+from kvbench.compress import compress_capture  # noqa: E402
+from kvbench.tables import write_parquet  # noqa: E402
 
 logging.basicConfig(
     filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"

