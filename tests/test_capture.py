@@ -261,14 +261,9 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.model
 @pytest.mark.workflow
-def test_snakemake_capture_smollm2_matches_transformers(smollm2_dir, tmp_path):
+def test_snakemake_capture_smollm2_matches_transformers(smollm2_dir, smollm2_workdir):
     """snakemake results/kv/smollm2-135m/ctx2048/manifest.json == a direct transformers forward."""
-    # A fresh workdir whose resources/models/smollm2-135m links to the shared fetched model.
-    mdir = tmp_path / "resources" / "models" / "smollm2-135m"
-    mdir.mkdir(parents=True)
-    for f in smollm2_dir.iterdir():
-        if not f.name.startswith(".") or f.name == ".fetched.json":
-            (mdir / f.name).symlink_to(f)
+    tmp_path = smollm2_workdir
     target = "results/kv/smollm2-135m/ctx2048/manifest.json"
     proc = _snakemake(tmp_path, target)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

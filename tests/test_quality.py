@@ -378,7 +378,7 @@ def test_quality_targets_contexts_and_unknown_codec():
 
 @pytest.mark.model
 @pytest.mark.workflow
-def test_snakemake_quality_rule(smollm2_dir, tmp_path):
+def test_snakemake_quality_rule(smollm2_workdir):
     """snakemake builds results/quality/... through capture_kv; identity is exactly 0."""
     import os
     import subprocess
@@ -386,12 +386,8 @@ def test_snakemake_quality_rule(smollm2_dir, tmp_path):
 
     import yaml
 
+    tmp_path = smollm2_workdir
     repo = Path(__file__).resolve().parents[1]
-    mdir = tmp_path / "resources" / "models" / "smollm2-135m"
-    mdir.mkdir(parents=True)
-    for f in smollm2_dir.iterdir():
-        if not f.name.startswith(".") or f.name == ".fetched.json":
-            (mdir / f.name).symlink_to(f)
     cfg = yaml.safe_load((repo / "config" / "config.yaml").read_text())
     cfg["models"] = {"smollm2-135m": cfg["models"]["smollm2-135m"]}
     cfg["contexts"] = [1024]

@@ -1,17 +1,15 @@
 """Snakemake adapter: capture one model's KV cache at one context length via kvbench.capture."""
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-if not snakemake.params.capture["allow_download"]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported
+from kvbench.job import start_job
 
-# Library warnings and progress bars go to the log too (kept open for the whole job).
-sys.stderr = open(snakemake.log[0], "a", buffering=1)  # noqa: SIM115
-logging.basicConfig(
-    stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+start_job(
+    snakemake.log[0],
+    threads=snakemake.threads,
+    allow_download=snakemake.params.capture["allow_download"],
 )
 
 from kvbench.capture import capture_kv  # noqa: E402

@@ -1,17 +1,12 @@
 """Snakemake adapter: run one codec over one capture and write the codec + timing tables."""
 
-import logging
+from kvbench.job import start_job
 
-from kvbench.blas import pin_blas_threads
-
-pin_blas_threads(snakemake.threads)  # before numpy is imported
+start_job(snakemake.log[0], threads=snakemake.threads)
 
 from kvbench.compress import compress_capture  # noqa: E402
 from kvbench.tables import write_parquet  # noqa: E402
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-)
 table, timing = compress_capture(
     snakemake.params.capture_dir,
     snakemake.wildcards.codec,

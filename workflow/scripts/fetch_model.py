@@ -1,17 +1,11 @@
 """Snakemake adapter: fetch, verify (and convert) one model's weights via kvbench.models.fetch."""
 
 import logging
-import os
 import sys
 
-if not snakemake.params.allow_download:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported
+from kvbench.job import start_job
 
-# Library warnings and progress bars go to the log too (kept open for the whole job).
-sys.stderr = open(snakemake.log[0], "a", buffering=1)  # noqa: SIM115
-logging.basicConfig(
-    stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-)
+start_job(snakemake.log[0], allow_download=snakemake.params.allow_download)
 
 from kvbench.errors import KvbenchError  # noqa: E402
 from kvbench.models import fetch  # noqa: E402

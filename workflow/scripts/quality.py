@@ -1,18 +1,12 @@
 """Snakemake adapter: continuation quality of one codec on one capture (kvbench.quality)."""
 
 import logging
-import os
 import sys
 
-from kvbench.blas import pin_blas_threads
+from kvbench.job import start_job
 
-pin_blas_threads(snakemake.threads)  # before numpy is imported
-if not snakemake.params.allow_download:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub are imported
-
-sys.stderr = open(snakemake.log[0], "a", buffering=1)  # noqa: SIM115
-logging.basicConfig(
-    stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+start_job(
+    snakemake.log[0], threads=snakemake.threads, allow_download=snakemake.params.allow_download
 )
 
 from kvbench.errors import KvbenchError  # noqa: E402
