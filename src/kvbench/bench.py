@@ -5,7 +5,9 @@
 
 Input is real captured KV: the K and V streams of the capture's first full-attention layer, stacked
 along the head axis; on GPU the capture's full layers are tiled along the head axis until the input
-reaches ``--tile-gib`` GiB of bf16. Results go to stdout (and ``--json``); record them in
+reaches ``--tile-gib`` GiB of bf16. The CPU path (NumPy) runs on
+the first layer's K and V only (``--cpu-repeat`` timed runs); each codec's failure is reported
+in its row and the run goes on. Results go to stdout (and ``--json``); record them in
 BENCHMARKS.md with the machine named. This is a benchmark, not a test: nothing asserts a speed.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -42,19 +45,38 @@ def stack_input(streams: list[np.ndarray], min_bytes: int) -> np.ndarray:
     return np.concatenate([x] * reps, axis=0) if reps > 1 else x
 
 
-def time_codec(codec, x, repeat: int) -> float:
-    """Median seconds of encode+decode of ``x`` (both streams' code paths, alternating)."""
+def time_codec(codec, x, repeat: int) -> dict:
+    """Median seconds of encode+decode of ``x`` (K and V code paths alternating), and the
+    medians of encode and decode alone (a sync between them)."""
     xp = codec.xp
     xd = xp.asarray(x)
     codec.decode(codec.encode(xd[: max(1, xd.shape[0] // 8)], stream="k"))  # warm-up / JIT
-    times = []
+    codec.decode(codec.encode(xd[: max(1, xd.shape[0] // 8)], stream="v"))
+    tot, enc_t, dec_t = [], [], []
     for i in range(repeat):
         synchronize(xp)
         t0 = time.perf_counter()
-        codec.decode(codec.encode(xd, stream=STREAMS[i % 2]))
+        enc = codec.encode(xd, stream=STREAMS[i % 2])
         synchronize(xp)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t1 = time.perf_counter()
+        codec.decode(enc)
+        synchronize(xp)
+        t2 = time.perf_counter()
+        del enc
+        tot.append(t2 - t0)
+        enc_t.append(t1 - t0)
+        dec_t.append(t2 - t1)
+    return {
+        "s": statistics.median(tot),
+        "enc_s": statistics.median(enc_t),
+        "dec_s": statistics.median(dec_t),
+    }
+
+
+def _free(xp) -> None:
+    if xp is not np:
+        synchronize(xp)
+        xp.get_default_memory_pool().free_all_blocks()
 
 
 def run(args) -> list[dict]:
@@ -63,16 +85,30 @@ def run(args) -> list[dict]:
     streams = load_full_layers(Path(args.capture), args.layers)
     cpu_x = stack_input(streams[:2], 0)
     dev_x = stack_input(streams, int(args.tile_gib * 2**30)) if args.device == "gpu" else None
+    xp = get_xp("gpu") if args.device == "gpu" else np
+    dev_xd = xp.asarray(dev_x) if dev_x is not None else None
     rows = []
     for name in codecs:
         row = {"codec": name, "cpu_mb_s": None, "gpu_gb_s": None}
         if args.device == "gpu":
-            codec = build_codec(name, cfg["codecs"], get_xp("gpu"))
-            t = time_codec(codec, dev_x, args.repeat)
-            row |= {"gpu_gb_s": 2 * dev_x.size / t / 1e9, "gpu_input_gib": 2 * dev_x.size / 2**30}
+            row |= {"gpu_shape": list(dev_x.shape), "gpu_input_gib": 2 * dev_x.size / 2**30}
+            try:
+                t = time_codec(build_codec(name, cfg["codecs"], xp), dev_xd, args.repeat)
+                row |= {
+                    "gpu_gb_s": 2 * dev_x.size / t["s"] / 1e9,
+                    "gpu_enc_gb_s": 2 * dev_x.size / t["enc_s"] / 1e9,
+                    "gpu_dec_gb_s": 2 * dev_x.size / t["dec_s"] / 1e9,
+                    "gpu_s": t["s"],
+                }
+            except Exception as e:  # report and go on: one failing codec must not hide the rest
+                row["gpu_error"] = f"{type(e).__name__}: {e}"[:500]
+            _free(xp)
         if not args.skip_cpu:
-            t = time_codec(build_codec(name, cfg["codecs"], np), cpu_x, args.repeat)
-            row["cpu_mb_s"] = 2 * cpu_x.size / t / 1e6
+            try:
+                t = time_codec(build_codec(name, cfg["codecs"], np), cpu_x, args.cpu_repeat)
+                row |= {"cpu_mb_s": 2 * cpu_x.size / t["s"] / 1e6, "cpu_shape": list(cpu_x.shape)}
+            except Exception as e:
+                row["cpu_error"] = f"{type(e).__name__}: {e}"[:500]
         if row["cpu_mb_s"] and row["gpu_gb_s"]:
             row["gpu_over_cpu"] = row["gpu_gb_s"] * 1e3 / row["cpu_mb_s"]
         rows.append(row)
@@ -88,20 +124,30 @@ def main(argv=None) -> None:
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--tile-gib", type=float, default=2.0, help="GPU input size (GiB of bf16)")
     ap.add_argument("--layers", type=int, default=None, help="use only the first N full layers")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs on the --device")
+    ap.add_argument("--cpu-repeat", type=int, default=1, help="timed runs of the CPU path")
     ap.add_argument("--skip-cpu", action="store_true", help="GPU only (no CPU ratio)")
     ap.add_argument("--json", help="write the result rows here")
     args = ap.parse_args(argv)
     rows = run(args)
     header = f"\n{'codec':<20} {'CPU MB/s':>10} {'GPU GB/s':>10} {'GPU/CPU':>8}"
-    print(header + f"   ({platform.processor() or platform.machine()}, capture {args.capture})")
+    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    print(header + f"   ({host}, capture {args.capture})")
     for r in rows:
         cpu = f"{r['cpu_mb_s']:.1f}" if r["cpu_mb_s"] else "-"
         gpu = f"{r['gpu_gb_s']:.2f}" if r["gpu_gb_s"] else "-"
         ratio = f"{r['gpu_over_cpu']:.0f}x" if r.get("gpu_over_cpu") else "-"
         print(f"{r['codec']:<20} {cpu:>10} {gpu:>10} {ratio:>8}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        meta = {"capture": args.capture, "tile_gib": args.tile_gib, "cpu": host}
+        if args.device == "gpu":
+            import cupy
+
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            name = props["name"]
+            meta["gpu"] = name.decode() if isinstance(name, bytes) else name
+            meta["cupy"] = cupy.__version__
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

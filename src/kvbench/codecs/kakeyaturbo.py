@@ -66,6 +66,7 @@ import numpy as np
 
 from kvbench.backend import to_numpy
 from kvbench.codecs.base import Codec, Encoded, bf16_round, register
+from kvbench.codecs.kernels import batched_eigh
 from kvbench.codecs.rng import first_gen_range, sign_pattern
 from kvbench.codecs.wht import (
     KT_LLOYD_MAX,
@@ -240,7 +241,8 @@ def _cov_eigh(xp: ModuleType, xc):
                 torch.set_num_threads(n_threads)
     cov = xp.matmul(xc.transpose(0, 2, 1), xc) / xp.float32(n)
     cov = (cov + cov.transpose(0, 2, 1)) * xp.float32(0.5)
-    return xp.linalg.eigh(cov)
+    # CuPy: the batched Jacobi kernel for D in JACOBI_PLANS (64/128/256), cupy.linalg.eigh else
+    return batched_eigh(xp, cov)
 
 
 def fit_pca(
@@ -340,8 +342,11 @@ def fit_spherical_kmeans(
     # Lloyd. Centres at or beyond K_eff are zero vectors: |cos| = 0 never beats centre 0 under
     # first-wins argmax, and they never receive rows, so no mask is needed. Only blocks whose
     # assignments still change are carried on (gathered), which equals per-block early stops.
-    assign = xp.zeros((b, n), dtype=xp.int64)
     karange = xp.arange(k)
+    if xp is not np:
+        _lloyd_masked(xp, dirs, valid, centres, karange, max_iter)
+        return centres, k_eff
+    assign = xp.zeros((b, n), dtype=xp.int64)
     act = xp.arange(b)
     d_a, v_a, c_a = dirs, valid, centres
     vf_a = valid.astype(xp.float32)
@@ -368,6 +373,48 @@ def fit_spherical_kmeans(
         c_a = xp.where(nonempty[..., None], s, c_a)
         centres[act] = c_a
     return centres, k_eff
+
+
+def _lloyd_masked(xp: ModuleType, dirs, valid, centres, karange, max_iter: int, check_every=4):
+    """The Lloyd loop of :func:`fit_spherical_kmeans` without a host sync per iteration (CuPy).
+
+    A device flag ``run [Ba]`` freezes a block at its first iteration without a change: from
+    then on its assignment and centres are never written, so extra iterations are no-ops and each
+    block ends exactly where its own early stop would leave it. The host looks at the flags only
+    every ``check_every`` iterations, to stop or to drop the finished blocks from the batch.
+    ``centres [B, K, Dp]`` is updated in place.
+    """
+    b, n, _ = dirs.shape
+    act = xp.arange(b)
+    d_a, v_a, c_a = dirs, valid, centres
+    vf_a = valid.astype(xp.float32)
+    assign_a = xp.zeros((b, n), dtype=xp.int64)
+    run = xp.ones(b, dtype=bool)
+    it = 0
+    while it < max_iter:
+        for _ in range(min(check_every, max_iter - it)):
+            cos = xp.matmul(d_a, c_a.transpose(0, 2, 1))  # [Ba, n, K]
+            new = xp.argmax(xp.abs(cos), axis=-1)
+            run = run & ((new != assign_a) & v_a).any(axis=1)
+            assign_a = xp.where(run[:, None], new, assign_a)
+            c_own = xp.take_along_axis(cos, new[..., None], axis=-1)[..., 0]
+            sv = xp.where(c_own >= 0, vf_a, -vf_a)
+            eq = new[..., None] == karange
+            s = xp.matmul((eq * sv[..., None]).transpose(0, 2, 1), d_a)
+            nonempty = (eq & v_a[..., None]).any(axis=1) & run[:, None]
+            sn = xp.sqrt((s * s).sum(axis=-1))
+            big = (sn > xp.float32(EPS))[..., None]
+            s = xp.where(big, s / xp.where(sn > 0, sn, 1)[..., None], s)
+            c_a = xp.where(nonempty[..., None], s, c_a)
+            it += 1
+        centres[act] = c_a
+        keep = xp.nonzero(run)[0]
+        n_keep = int(keep.shape[0])
+        if n_keep == 0:
+            break
+        if n_keep < int(act.shape[0]):
+            act, d_a, v_a, vf_a = act[keep], d_a[keep], v_a[keep], vf_a[keep]
+            c_a, assign_a, run = c_a[keep], assign_a[keep], run[keep]
 
 
 # ----------------------------------------------------------------------------------------------

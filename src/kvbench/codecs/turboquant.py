@@ -73,7 +73,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from kvbench.codecs import lloyd_max
+from kvbench.codecs import kernels, lloyd_max
 from kvbench.codecs.base import STREAMS, Codec, Encoded, register
 from kvbench.codecs.wht import is_pow2, signed_hadamard
 from kvbench.errors import KvbenchError
@@ -377,6 +377,7 @@ class TurboQuant(Codec):
                 "cent": xp.asarray(c, dtype=xp.float32),
                 "lut": xp.asarray(decode_lut(c, bits)),
                 "mids": (c[1:] + c[:-1]) / 2.0,
+                "mids_x": xp.asarray(((c[1:] + c[:-1]) / 2.0).astype(np.float32)),
             }
             if stream == "k":
                 s = qjl_matrix(d, seed + 1000, self.params["qjl"])
@@ -409,6 +410,7 @@ class TurboQuant(Codec):
                 "cent": xp.asarray(c, dtype=xp.float32),
                 "lut": xp.asarray(decode_lut(c, self.bits)),
                 "mids": (c[1:] + c[:-1]) / 2.0,
+                "mids_x": xp.asarray(((c[1:] + c[:-1]) / 2.0).astype(np.float32)),
             }
         return self._cache[key]
 
@@ -434,6 +436,8 @@ class TurboQuant(Codec):
         d = x2.shape[1]
         st = self._proto_state(d, stream)
         bits = self._pq_bits(stream)
+        if kernels.tq_fused_ok(xp, d):
+            return self._encode_proto_fused(x2, stream, st, bits)
         gamma = self._rownorm(x2)
         u = x2 @ st["pi_t"]  # Pi x
         u *= (1.0 / xp.where(gamma > 0, gamma, xp.float32(1.0)))[:, None]  # Pi x / ||x||
@@ -453,12 +457,51 @@ class TurboQuant(Codec):
             arrays["signs"] = _pack(xp, z.view(xp.uint8), 1)
         return arrays
 
+    def _encode_proto_fused(self, x2, stream: str, st: dict, bits: int) -> dict:
+        """CuPy: GEMM rotation, then one fused kernel (norm, quantise, pack, K residual)."""
+        xp = self.xp
+        u = x2 @ st["pi_t"]
+        mode = kernels.TQ_PROTO_K if stream == "k" else kernels.TQ_PROTO_V
+        planes, gamma, rn = kernels.tq_encode_rows(
+            xp,
+            x2,
+            u,
+            st["mids_x"],
+            st["cent"],
+            bits,
+            mode,
+            norm_corr=self.params["norm_correction"],
+            norm_f16=self.norm_dtype == "float16",
+        )
+        arrays = {f"codes_{k}": v for k, v in planes.items()}
+        arrays["norms"] = self._store_norm(gamma)
+        if stream == "k":  # u now holds Pi r / gamma (see the NumPy path below)
+            arrays["rnorms"] = self._store_norm(rn)
+            arrays["signs"] = kernels.tq_pack_signs(xp, u @ st["pi_s_t"])
+        return arrays
+
     def _decode_proto(self, enc: Encoded):
         xp = self.xp
         d = enc.meta["d"]
         stream = enc.meta["stream"]
         st = self._proto_state(d, stream)
         packed = {k[len("codes_") :]: v for k, v in enc.arrays.items() if k.startswith("codes_")}
+        if kernels.tq_fused_ok(xp, d):
+            k = stream == "k"
+            w = kernels.tq_decode_rows(
+                xp,
+                packed,
+                st["cent"],
+                enc.arrays["norms"].astype(xp.float32),
+                self._pq_bits(stream),
+                kernels.TQ_PROTO_K if k else kernels.TQ_PROTO_V,
+                d,
+                norm_corr=self.params["norm_correction"],
+                signs=enc.arrays["signs"] if k else None,
+                rnorm=enc.arrays["rnorms"].astype(xp.float32) if k else None,
+                qjl_scale=st["qjl_scale"] if k else 0.0,
+            )
+            return w @ (st["pi_s"] if k else st["pi"])
         c_hat = lut_decode(xp, packed, self._pq_bits(stream), st["lut"], d)
         scale = self._pq_scale(c_hat, enc.arrays["norms"].astype(xp.float32))[:, None]
         if stream == "v":
@@ -481,6 +524,23 @@ class TurboQuant(Codec):
             x2 = xp.concatenate([x2, xp.zeros((n, dp - d), dtype=xp.float32)], axis=1)
         st = self._llama_state(g)
         xg = x2.reshape(n * (dp // g), g)
+        if kernels.tq_fused_ok(xp, g):
+            planes, _, stored = kernels.tq_encode_rows(
+                xp,
+                xg,
+                xg @ st["m"],
+                st["mids_x"],
+                st["cent"],
+                self.bits,
+                kernels.TQ_LLAMA,
+                ties_up=True,
+                norm_corr=self.params["norm_correction"],
+            )
+            arrays = {f"codes_{k}": v.reshape(n, -1) for k, v in planes.items()}
+            arrays["norms"] = self._store_norm(stored).reshape(n, dp // g)
+            if self.bits == 4:
+                arrays["rnorms"] = xp.zeros((n, dp // g), dtype=xp.float16)
+            return arrays
         norm = self._rownorm(xg)
         inv = xp.where(norm > 1e-10, 1.0 / xp.where(norm > 0, norm, xp.float32(1.0)), 0.0)
         y = xg @ st["m"]
@@ -505,6 +565,19 @@ class TurboQuant(Codec):
         g, dp = self._llama_layout(d)
         st = self._llama_state(g)
         packed = {k[len("codes_") :]: v for k, v in enc.arrays.items() if k.startswith("codes_")}
+        if kernels.tq_fused_ok(xp, g):
+            rows = n * (dp // g)
+            y = kernels.tq_decode_rows(
+                xp,
+                {k: v.reshape(rows, -1) for k, v in packed.items()},
+                st["cent"],
+                enc.arrays["norms"].astype(xp.float32).reshape(rows),
+                self.bits,
+                kernels.TQ_LLAMA,
+                g,
+            )
+            out = (y @ st["m_t"]).reshape(n, dp)
+            return out[:, :d] if dp != d else out
         y = lut_decode(xp, packed, self.bits, st["lut"], dp).reshape(n * (dp // g), g)
         y *= enc.arrays["norms"].astype(xp.float32).reshape(n * (dp // g))[:, None]
         out = (y @ st["m_t"]).reshape(n, dp)
