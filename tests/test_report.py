@@ -13,18 +13,35 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from golden.fixtures import CODECS, MODELS, ablation_table, codec_table, manifest, write_tables
+from golden.fixtures import (
+    CODECS,
+    MODELS,
+    ablation_table,
+    codec_table,
+    manifest,
+    quality_table,
+    write_tables,
+)
 
 from kvbench.aggregate import aggregate, build_metrics, build_summary, legacy_names
 from kvbench.errors import KvbenchError
 from kvbench.extrapolate import extrapolate
+from kvbench.quality import quality_verdict
 from kvbench.report import (
+    attention_section,
     check_claims,
+    mse_verdict,
     pair_statements,
     pareto_front,
+    quality_cells,
+    quality_statements,
     recommendations,
     render_decision,
     render_summary,
+    report_settings,
+    timing_table,
+    verdict_flag,
+    verdict_statements,
     win_statements,
     write_reports,
 )
@@ -101,6 +118,13 @@ CFG = {
     "report": {"pairs": [["turbo3", "kakeya"], ["turbo4", "kakeya"]]},
     "claims": CLAIMS,
     "ablation": {},
+    # as config/config.yaml
+    "quality": {
+        "thresholds": {
+            "accept": {"kl": 0.01, "delta_ppl": 0.02},
+            "marginal": {"kl": 0.05, "delta_ppl": 0.10},
+        }
+    },
 }
 
 
@@ -115,27 +139,6 @@ def tables():
     extrap = extrapolate(metrics, codecs_cfg=CODECS, summary=summary)
     manifests = [manifest(m, c) for m in MODELS for c in CONTEXTS]
     return metrics, summary, extrap, manifests
-
-
-def quality_table() -> pd.DataFrame:
-    rows = []
-    for codec, kl in (("identity", 0.0), ("turbo3", 0.012), ("kakeya", 0.03)):
-        rows.append(
-            {
-                "model": "tiny-llama",
-                "ctx": 4096,
-                "codec": codec,
-                "family": "x",
-                "delta_ppl_rel": kl / 2,
-                "kl_mean": kl,
-                "kl_p99": 5 * kl,
-                "top1_agree": 1 - kl,
-                "mean_attn_kl": kl / 10,
-                "mean_attn_top1": 1 - kl / 3,
-                "mean_attn_out_rel_err": kl * 3,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def _check_golden(name: str, text: str) -> None:
@@ -261,7 +264,7 @@ def test_win_statements_match_tables(tables):
 
 
 def test_pair_statements_match_tables(tables):
-    _, summary, _, _ = tables
+    metrics, summary, _, _ = tables
     for st in pair_statements(summary, CFG):
         a = summary[summary.codec == st.data["a"]].set_index(["model", "ctx"])
         b = summary[summary.codec == st.data["b"]].set_index(["model", "ctx"])
@@ -270,6 +273,20 @@ def test_pair_statements_match_tables(tables):
         assert f"on total ratio in {k}/{len(a)}" in st.text
         kv = int((a.v_rel_mse_mean < b.v_rel_mse_mean).sum())
         assert f"on V rel. MSE in {kv}/{len(a)}" in st.text
+    # with the metrics: errors over the layers both codecs compress (tiny-gemma: full layers)
+    for st in pair_statements(summary, CFG, metrics):
+        ca, cb = st.data["a"], st.data["b"]
+        for stream in ("k", "v"):
+            m = metrics[(metrics.stream == stream) & metrics.compressed]
+            wins = n = 0
+            for _, g in m[m.codec.isin([ca, cb])].groupby(["model", "ctx"]):
+                ea = g[g.codec == ca].set_index("layer").rel_mse
+                eb = g[g.codec == cb].set_index("layer").rel_mse
+                common = ea.index.intersection(eb.index)
+                n += 1
+                wins += ea[common].mean() < eb[common].mean()
+            assert st.data[f"{stream}_rel_mse_mean"] == (wins, n)
+        assert "errors over the layers both compress" in st.text
 
 
 def test_pareto_front():
@@ -375,23 +392,209 @@ def test_summary_golden(tables):
         machine=MACHINE,
     )
     _check_golden("SUMMARY.md", text)
+    assert "\n\n\n" not in text and not text.endswith("\n\n")
     assert "## Quality: attention and continuation" in text
+    assert "![Rate vs relative ΔPPL](figures/rate_vs_dppl.png)" in text
+    # every section renders content or says why not: no heading directly followed by another
+    assert not re.search(r"^#+ .*\n\n#+ ", text, flags=re.M)
+    assert "|\n</details>" not in text
+    # tables without the attention columns, no quality tables, no timings: explicit sentences
+    old = [m for m in metrics.columns if m.startswith("attn_")]
+    bare = summary.drop(columns=[c for c in summary.columns if c.startswith("attn_")])
     no_quality = render_summary(
-        summary=summary,
-        metrics=metrics,
+        summary=bare,
+        metrics=metrics.drop(columns=old),
         extrap=extrap,
         cfg=CFG,
         manifests=manifests,
         machine=MACHINE,
     )
-    assert "Quality: attention" not in no_quality and "## Timing" not in no_quality
+    assert "No continuation tables were given" in no_quality
+    assert "carry attention metrics" in no_quality
+    assert "No timing rows in this run" in no_quality
+    assert "rate_vs_dppl" not in no_quality
+    assert not re.search(r"^#+ .*\n\n#+ ", no_quality, flags=re.M)
 
 
 def test_decision_golden(tables):
-    _, summary, _, _ = tables
-    _check_golden("DECISION.md", render_decision(ablation_table(), summary, CFG))
+    summary = tables[1]
+    text = render_decision(ablation_table(), summary, CFG, quality_table())
+    _check_golden("DECISION.md", text)
+    assert "\n\n\n" not in text and not text.endswith("\n\n")
+    assert "no KL/ΔPPL is measured for\nablation cells" in text
     no_ab = render_decision(None, summary, CFG)
     assert "No ablation tables" in no_ab and "Codec choice" in no_ab
+    assert "No continuation tables of a lossy codec" in no_ab and "⚑ **" not in no_ab
+    q = quality_table()
+    only_ref = render_decision(None, summary, CFG, q[q.codec == "identity"])
+    assert "No continuation tables of a lossy codec" in only_ref and "| tiny-" in only_ref
+    metrics, _, extrap, manifests = tables
+    only_ref = render_summary(
+        summary=summary,
+        metrics=metrics,
+        extrap=extrap,
+        cfg=CFG,
+        manifests=manifests,
+        quality=q[q.codec == "identity"],
+        machine=MACHINE,
+    )
+    assert "Only the reference (identity) has a continuation table" in only_ref
+    assert "rate_vs_dppl" not in only_ref and "\n\n\n" not in only_ref
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts: MSE vs KL/ΔPPL (issue #5)
+
+
+def test_mse_verdict_and_flag():
+    th = report_settings(CFG)["mse_thresholds"]
+    # default: accept = the error budget, marginal = twice it
+    assert th["accept"] == {"k_rel_mse": 0.05, "v_rel_mse": 0.05}
+    assert th["marginal"] == {"k_rel_mse": 0.1, "v_rel_mse": 0.1}
+    assert mse_verdict(0.05, 0.0, th) == "ACCEPT"
+    assert mse_verdict(0.01, 0.06, th) == "MARGINAL"  # the worse stream decides
+    assert mse_verdict(0.2, 0.0, th) == "REJECT"
+    assert mse_verdict(math.nan, 0.0, th) == "n/a"
+    custom = report_settings(
+        {
+            "report": {
+                "mse_thresholds": {"accept": {"k_rel_mse": 0.01}, "marginal": {"v_rel_mse": 1}}
+            }
+        }
+    )["mse_thresholds"]
+    assert custom["accept"] == {"k_rel_mse": 0.01, "v_rel_mse": 0.05}
+    assert custom["marginal"] == {"k_rel_mse": 0.02, "v_rel_mse": 1.0}
+    assert verdict_flag("ACCEPT", "REJECT") == "MSE optimistic"
+    assert verdict_flag("REJECT", "MARGINAL") == "MSE pessimistic"
+    assert verdict_flag("ACCEPT", "ACCEPT") == verdict_flag("n/a", "REJECT") == ""
+
+
+def test_verdict_flags_follow_the_numbers(tables):
+    """Each cell's two verdicts recomputed from the tables; flagged exactly when they differ."""
+    _, summary, _, _ = tables
+    q = quality_table()
+    cells = quality_cells(q, summary, CFG)
+    assert len(cells) == len(q)
+    s = summary.set_index(["model", "ctx", "codec"])
+    th_q = CFG["quality"]["thresholds"]
+    for x in cells.itertuples():
+        row = s.loc[(x.model, x.ctx, x.codec)]
+        k, v = row.k_rel_mse_mean, row.v_rel_mse_mean
+        want_mse = (
+            "ACCEPT"
+            if k <= 0.05 and v <= 0.05
+            else "MARGINAL"
+            if k <= 0.1 and v <= 0.1
+            else "REJECT"
+        )
+        src = q[(q.model == x.model) & (q.codec == x.codec)].iloc[0]
+        want_q = quality_verdict(src.kl_mean, src.delta_ppl_rel, th_q)
+        assert (x.mse_verdict, x.quality_verdict) == (want_mse, want_q)
+        assert (x.flag != "") == (want_mse != want_q)
+        assert x.bits_per_value == pytest.approx(row.bits_per_value)
+    c = cells.set_index(["model", "codec"])
+    # the case the issue names: MSE ACCEPT, KL/ΔPPL REJECT -> flagged
+    assert c.loc[("tiny-llama", "turbo3"), ["mse_verdict", "quality_verdict", "flag"]].tolist() == [
+        "ACCEPT",
+        "REJECT",
+        "MSE optimistic",
+    ]
+    assert c.loc[("tiny-gemma", "kakeya"), "flag"] == "MSE pessimistic"
+    assert c.loc[("tiny-llama", "turbo4"), "flag"] == ""
+    # statements and the rendered DECISION carry exactly the flagged cells
+    flags = verdict_statements(cells, CFG)
+    flagged = cells[(cells.flag != "") & (cells.codec != "identity")]
+    assert {(f.data["model"], f.data["codec"]) for f in flags} == set(
+        zip(flagged.model, flagged.codec, strict=True)
+    )
+    text = render_decision(None, summary, CFG, q)
+    for f in flags:
+        assert f.text in text
+        assert f"{f.data['mse_verdict']} (K" in f.text
+        assert f"KL/ΔPPL verdict {f.data['quality_verdict']}" in f.text
+    n = int((cells.codec != "identity").sum())
+    assert f"{len(flagged)} of {n} measured codec cells" in text
+    table_rows = [ln for ln in text.splitlines() if ln.startswith("| tiny-")]
+    flagged_rows = [ln for ln in table_rows if "⚑" in ln]
+    assert len(flagged_rows) == len(flagged)
+    assert any(
+        "| turbo3 |" in ln and "**ACCEPT**" in ln and "**REJECT**" in ln for ln in flagged_rows
+    )
+    # the codec chosen under the budget (turbo3) is covered by a KL/ΔPPL verdict
+    assert "**turbo3** KL/ΔPPL verdict where measured: tiny-llama 4k: REJECT" in text
+
+
+def test_quality_statements_match_cells(tables):
+    _, summary, _, _ = tables
+    cells = quality_cells(quality_table(), summary, CFG)
+    stmts = quality_statements(cells, CFG)
+    for st in stmts[:-1]:
+        g = cells[(cells.model == st.data["model"]) & (cells.codec != "identity")]
+        assert st.data["verdicts"] == dict(zip(g.codec, g.quality_verdict, strict=True))
+        ok = g[g.quality_verdict == "ACCEPT"].sort_values("bits_per_value")
+        assert st.data["best_accept"] == (ok.codec.iloc[0] if len(ok) else None)
+    last = stmts[-1].data
+    assert last["flagged"] == int(((cells.flag != "") & (cells.codec != "identity")).sum())
+
+
+def test_budget_choice_without_quality_is_named(tables):
+    _, summary, _, _ = tables
+    q = quality_table()
+    text = render_decision(None, summary, CFG, q[q.codec != "turbo3"])
+    assert "**turbo3** (chosen in 6 cells) has no continuation measurement" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# attention columns
+
+
+def test_attention_summary_over_compressed_layers(tables):
+    metrics, summary, _, _ = tables
+    s = summary.set_index(["model", "ctx", "codec"])
+    for key in (("tiny-gemma", 4096, "kakeya"), ("tiny-llama", 8192, "turbo3")):
+        m = metrics[(metrics.model == key[0]) & (metrics.ctx == key[1]) & (metrics.codec == key[2])]
+        layers = m.groupby("layer").agg(c=("compressed", "any"), kl=("attn_kl", "first"))
+        layers = layers[layers.c]
+        assert s.loc[key, "attn_n_layers"] == len(layers)
+        assert s.loc[key, "attn_kl_mean"] == pytest.approx(layers.kl.mean())
+        assert s.loc[key, "attn_kl_max"] == pytest.approx(layers.kl.max())
+    assert s.loc[("tiny-gemma", 4096, "kakeya"), "attn_n_layers"] == 2  # full layers only
+    assert (s.xs("identity", level="codec")["attn_kl_mean"] == 0).all()
+
+
+def test_attention_section_partial_tables(tables):
+    """Cells whose codec tables predate the attention columns are counted and the continuation
+    runs' attention means are shown next to them; complete tables show only the codec tables'."""
+    metrics, _, _, _ = tables
+    m = metrics.copy()
+    m.loc[m.ctx != 4096, ["attn_kl", "attn_top1", "attn_top8", "attn_out_rel_err"]] = np.nan
+    part = build_summary(m)
+    sec = attention_section(part, quality_table(), CFG)
+    assert sec["models"] and all(a["ctx"] == "4k" and a["all"] is None for a in sec["models"])
+    assert sec["notes"] and sec["notes"][0].startswith(f"{2 * len(MODELS) * len(CODECS)} of ")
+    assert sec["quality_tables"]
+    full = attention_section(build_summary(metrics), quality_table(), CFG)
+    assert not full["notes"] and not full["quality_tables"]
+    assert all(a["ctx"] == "8k" and a["all"] is not None for a in full["models"])
+
+
+def test_timing_falls_back_to_timed_context(tables):
+    _, summary, _, _ = tables
+    t = pd.DataFrame(
+        {
+            "model": "tiny-llama",
+            "ctx": 2048,
+            "codec": "turbo3",
+            "layer": [0, 1],
+            "stream": "k",
+            "encode_s": [0.5, 0.25],
+            "decode_s": [0.125, 0.125],
+            "backend": "cpu",
+        }
+    )
+    table = timing_table(t, summary, CFG)
+    assert table.rows == [["tiny-llama", "2k", "turbo3", "0.750", "0.250", "cpu"]]
+    assert timing_table(t.iloc[:0], summary, CFG) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +605,7 @@ def test_write_reports_and_figures(tmp_path, tables):
     """The report rule's function end to end on one model: files, PNGs, deterministic bytes."""
     import json
 
-    from kvbench.plots import plot_rate_distortion
+    from kvbench.plots import plot_rate_distortion, plot_rate_vs_dppl
     from kvbench.report import figure_names
     from kvbench.tables import write_parquet
 
@@ -434,6 +637,11 @@ def test_write_reports_and_figures(tmp_path, tables):
     ab = res / "ablation" / "tiny-gemma.parquet"
     write_parquet(ablation_table(models=("tiny-gemma",)), ab)
     figs = [res / "figures" / f for v in figure_names(["tiny-gemma"]).values() for f in v]
+    qpaths = []
+    for row in quality_table(models=["tiny-gemma"]).to_dict("records"):
+        qp = res / "quality" / row["model"] / f"ctx{row['ctx']}" / f"{row['codec']}.parquet"
+        write_parquet(pd.DataFrame([row]), qp)
+        qpaths.append(qp)
     write_reports(
         metrics=files["metrics"],
         summary=files["summary"],
@@ -441,7 +649,7 @@ def test_write_reports_and_figures(tmp_path, tables):
         timings=files["timings"],
         manifests=caps,
         ablation=[ab],
-        quality=[],
+        quality=qpaths,
         cfg=cfg,
         summary_md=res / "SUMMARY.md",
         decision_md=res / "DECISION.md",
@@ -457,8 +665,15 @@ def test_write_reports_and_figures(tmp_path, tables):
     again = tmp_path / "again.png"
     plot_rate_distortion(summary, "k", cfg, again, dpi=110)
     assert again.read_bytes() == (res / "figures" / "rate_distortion_k.png").read_bytes()
-    assert "**Verdict.**" in (res / "DECISION.md").read_text()
-    assert "## Timing" in text
+    cells = quality_cells(quality_table(models=["tiny-gemma"]), summary, cfg)
+    plot_rate_vs_dppl(cells, cfg, again, dpi=110)
+    assert again.read_bytes() == (res / "figures" / "rate_vs_dppl.png").read_bytes()
+    decision = (res / "DECISION.md").read_text()
+    assert "**Verdict.**" in decision and "⚑ **turbo3** on tiny-gemma" in decision
+    assert "## Timing" in text and "### Continuation on a compressed prefix cache" in text
+    # no continuation tables: the figure is still drawn (a note), so the rule's outputs hold
+    plot_rate_vs_dppl(None, cfg, again, dpi=40)
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_heatmap_survives_nan_errors(tmp_path, tables):

@@ -10,7 +10,12 @@ Inputs follow docs/tables.md (one row per model x ctx x codec x layer x stream).
     every timing table concatenated (not deterministic; kept apart on purpose).
 ``results/summary.parquet``
     one row per (model, ctx, codec): byte totals, the two ratios of spec kakeya.md §1.7, the
-    legacy-convention ratios, and error summaries over the layers the codec compressed.
+    legacy-convention ratios, and error summaries over the layers the codec compressed. When the
+    codec tables carry the attention columns (``attn_kl``, ``attn_top1``, ``attn_top8``,
+    ``attn_out_rel_err``: one value per layer, repeated on its K and V rows), also
+    ``attn_n_layers`` (layers with a value among those the codec compresses on K or V),
+    ``attn_<metric>_mean`` over those layers and ``attn_kl_max`` (NaN for cells whose tables
+    predate the columns).
 
 Ratios (spec kakeya.md §1.7):
 
@@ -61,6 +66,8 @@ REQUIRED = [
     "ip_rel_err",
 ]
 ERROR_METRICS = ("rel_mse", "mse", "cos_sim", "max_abs_err", "ip_rel_err")
+#: Per-layer attention columns of the codec tables (kvbench.attention.ATTN_COLUMNS, less the count).
+ATTN_METRICS = ("attn_kl", "attn_top1", "attn_top8", "attn_out_rel_err")
 
 
 def legacy_columns(df: pd.DataFrame) -> list[str]:
@@ -202,6 +209,28 @@ def _stream_summary(m: pd.DataFrame, stream: str, index: pd.MultiIndex) -> pd.Da
     return out
 
 
+def _attention_summary(m: pd.DataFrame, index: pd.MultiIndex) -> pd.DataFrame:
+    """Layer means of the attention metrics over the layers a codec compresses (K or V).
+
+    The metrics are properties of a layer (the same value on its K and V rows), so each layer
+    counts once. Layers without a value (no captured queries, or a table older than the
+    columns) are left out; ``attn_n_layers`` says how many counted.
+    """
+    out = pd.DataFrame(index=index)
+    if not all(c in m.columns for c in ATTN_METRICS):
+        return out
+    per_layer = m.groupby(CELL + ["layer"], sort=True).agg(
+        compressed=("compressed", "any"), **{c: (c, "first") for c in ATTN_METRICS}
+    )
+    per_layer = per_layer[per_layer["compressed"] & per_layer["attn_kl"].notna()]
+    g = per_layer.reset_index().groupby(CELL, sort=True)
+    out["attn_n_layers"] = g.size().reindex(index, fill_value=0).astype(int)
+    for c in ATTN_METRICS:
+        out[f"{c}_mean"] = g[c].mean().reindex(index)
+    out["attn_kl_max"] = g["attn_kl"].max().reindex(index)
+    return out
+
+
 def build_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, ctx, codec); see the module docstring for the ratio definitions."""
     m = metrics
@@ -225,7 +254,8 @@ def build_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     out["bits_per_value"] = 8.0 * out["bytes_total"] / values
     ratios = cell_ratios(m).set_index(CELL)
     streams = [_stream_summary(m, s, index) for s in ("k", "v")]
-    out = pd.concat([out, ratios, *streams], axis=1).reset_index()
+    attn = _attention_summary(m, index)
+    out = pd.concat([out, ratios, *streams, attn], axis=1).reset_index()
     for c in [
         "baseline_bytes_total",
         "baseline_bytes_full",

@@ -6,6 +6,10 @@
   compresses, one panel per model at its error context, Pareto frontier drawn as a step line.
 - ``layer_error_{model}.png``: per-layer relative MSE heatmap (codec x layer), K and V panels;
   layers a codec passes through are blank.
+- ``rate_vs_dppl.png``: bits per value (every cached layer, as stored) vs relative ΔPPL of the
+  continuation runs, log scale, one labelled point per codec, one panel per model; error bars
+  are ±1 s.e. of ΔNLL, dashed lines the ``quality.thresholds`` ΔPPL levels. Drawn (as a note)
+  also when there are no continuation tables, so the rule's outputs do not depend on them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from kvbench.report import (
     fmt_ctx,
     model_order,
     pareto_front,
+    quality_thresholds,
     report_settings,
 )
 from kvbench.shards import atomic_write_bytes
@@ -227,14 +232,119 @@ def plot_layer_error(
     _save(fig, path, dpi)
 
 
+#: Relative ΔPPL values at or below this are drawn on the floor (log axis; identity gives 0).
+DPPL_FLOOR = 1e-4
+CTX_MARKERS = "osD^v<>"
+
+
+def plot_rate_vs_dppl(cells: pd.DataFrame | None, cfg: dict, path, dpi: int = 110) -> None:
+    """``cells``: :func:`kvbench.report.quality_cells` (None or empty: a note is drawn)."""
+    plt = _plt()
+    r = report_settings(cfg)
+    c = None if cells is None else cells[~cells["codec"].isin(r["exclude_from_wins"])]
+    c = None if c is None else c.dropna(subset=["bits_per_value", "delta_ppl_rel"])
+    if c is None or c.empty:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(
+            0.5,
+            0.5,
+            "No continuation (delta-PPL) tables in this run\n(config quality.codecs)",
+            ha="center",
+            va="center",
+        )
+        _save(fig, path, dpi)
+        return
+    models = model_order(cfg, c["model"])
+    # the same colour per codec as the other figures (configured order)
+    colors = codec_colors(codec_order(cfg, [*(cfg.get("codecs") or {}), *c["codec"]]))
+    ctxs = sorted(c["ctx"].unique())
+    marker = {x: CTX_MARKERS[i % len(CTX_MARKERS)] for i, x in enumerate(ctxs)}
+    th = quality_thresholds(cfg)
+    n = len(models)
+    fig, axes = plt.subplots(
+        1, n, figsize=(4.8 * n, 4.2), squeeze=False, sharey=True, layout="constrained"
+    )
+    y_all = np.maximum(c["delta_ppl_rel"].to_numpy(float), DPPL_FLOOR)
+    ymax = max(float(y_all.max()), th["marginal"]["delta_ppl"]) * 3
+    ybottom = min(float(y_all.min()), th["accept"]["delta_ppl"]) / 4
+    for ax, model in zip(axes[0], models, strict=True):
+        g = c[c["model"] == model]
+        for x in g.to_dict("records"):
+            d = float(x["delta_ppl_rel"])
+            y = max(d, DPPL_FLOOR)
+            col = colors[x["codec"]]
+            on_floor = d <= DPPL_FLOOR
+            se = x.get("delta_nll_se")
+            dnll = x.get("delta_nll")
+            if se is not None and dnll is not None and np.isfinite(se) and np.isfinite(dnll):
+                lo = max(math.expm1(dnll - se), DPPL_FLOOR)
+                hi = max(math.expm1(dnll + se), DPPL_FLOOR)
+                ax.plot([x["bits_per_value"]] * 2, [lo, hi], "-", color=col, lw=1.2, alpha=0.7)
+            ax.plot(
+                x["bits_per_value"],
+                y,
+                marker[x["ctx"]],
+                color=col,
+                ms=8,
+                mfc="white" if on_floor else col,
+                mec="black" if x["quality_verdict"] == "ACCEPT" else col,
+                mew=1.2,
+            )
+            label = x["codec"] + (f" @{fmt_ctx(x['ctx'])}" if len(ctxs) > 1 else "")
+            if on_floor:
+                label += f" (ΔPPL ≤ {DPPL_FLOOR:g})"
+            ax.annotate(
+                label,
+                (x["bits_per_value"], y),
+                xytext=(6, 4),
+                textcoords="offset points",
+                fontsize=8,
+                color="black",
+            )
+        for level, ls in (("accept", "--"), ("marginal", ":")):
+            v = th[level]["delta_ppl"]
+            ax.axhline(v, color="grey", ls=ls, lw=1)
+            ax.annotate(
+                f"{level} ΔPPL ≤ {100 * v:g}%",
+                (0.01, v),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 2),
+                textcoords="offset points",
+                fontsize=7,
+                color="grey",
+            )
+        ax.set_yscale("log")
+        ax.set_ylim(ybottom, ymax)
+        xs = g["bits_per_value"].to_numpy(float)
+        ax.set_xlim(max(0.0, xs.min() - 1), xs.max() + 2.5)
+        ax.set_xlabel("bits per value (all cached layers, as stored)")
+        ax.set_title(f"{model}, ctx {', '.join(fmt_ctx(x) for x in sorted(g['ctx'].unique()))}")
+    axes[0][0].set_ylabel("relative ΔPPL vs uncompressed cache")
+    if len(ctxs) > 1:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], ls="", marker=marker[x], color="grey") for x in ctxs]
+        fig.legend(handles, [fmt_ctx(x) for x in ctxs], loc="outside right center", frameon=False)
+    fig.suptitle(
+        "Rate vs continuation quality (bars: ±1 s.e. of ΔNLL; black edge: KL/ΔPPL ACCEPT; "
+        "identity omitted)",
+        fontsize=10,
+    )
+    _save(fig, path, dpi)
+
+
 def make_figures(
     summary: pd.DataFrame,
     metrics: pd.DataFrame,
     extrap: pd.DataFrame,
     cfg: dict,
     out_dir: str | Path,
+    quality_cells: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Every report figure into ``out_dir``; returns the paths (names from ``figure_names``)."""
+    """Every report figure into ``out_dir``; returns the paths (names from ``figure_names``).
+
+    ``quality_cells``: :func:`kvbench.report.quality_cells` for ``rate_vs_dppl.png``."""
     out_dir = Path(out_dir)
     dpi = int(report_settings(cfg)["figure_dpi"])
     models = model_order(cfg, summary["model"])
@@ -248,5 +358,8 @@ def make_figures(
         paths.append(out_dir / name)
     for model, name in zip(models, names["heatmap"], strict=True):
         plot_layer_error(metrics, summary, model, cfg, out_dir / name, dpi)
+        paths.append(out_dir / name)
+    for name in names["rate_dppl"]:
+        plot_rate_vs_dppl(quality_cells, cfg, out_dir / name, dpi)
         paths.append(out_dir / name)
     return paths

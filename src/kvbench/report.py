@@ -24,6 +24,22 @@ Claims (config ``claims:``, a mapping ``id -> {claim, type, params}``) are check
 
 Status: ``confirmed`` (every cell passes), ``refuted`` (some cell fails) or ``not testable here``
 (no cell has the data: codecs or contexts missing from this run).
+
+Verdicts (issue #5). Each (model, ctx, codec) with a continuation table gets two verdicts:
+
+``MSE verdict``
+    from the mean relative MSE over the layers the codec compresses, K and V separately, the
+    worse of the two: ACCEPT when both are within ``report.mse_thresholds.accept`` (default: the
+    error budget ``report.budget``, so ACCEPT = "within the budget" of the codec choice),
+    MARGINAL within ``report.mse_thresholds.marginal`` (default: twice the accept levels), else
+    REJECT. Keys: ``{accept|marginal: {k_rel_mse: .., v_rel_mse: ..}}``.
+``KL/ΔPPL verdict``
+    :func:`kvbench.quality.quality_verdict` with ``quality.thresholds`` (mean next-token KL and
+    relative ΔPPL, the worse of the two).
+
+DECISION.md flags every cell where the two differ ("MSE optimistic": the MSE verdict is the
+better one; "MSE pessimistic": the worse one). Ablation cells have MSE-inflation verdicts only
+(no continuation is run per cell).
 """
 
 from __future__ import annotations
@@ -49,15 +65,39 @@ REPORT_DEFAULTS: dict[str, Any] = {
     "error_ctx": None,  # None = the largest measured context of each model
     "pairs": [["turbo3", "kakeya"], ["turbo4", "kakeya"], ["turbo3", "kakeyaturbo"]],
     "budget": {"k_rel_mse": 0.05, "v_rel_mse": 0.05},
+    # MSE verdict levels; None: accept = budget, marginal = 2 x accept (see the module docstring)
+    "mse_thresholds": None,
     "exclude_from_wins": ["identity"],
     "figure_dpi": 110,
 }
+#: marginal = this factor x accept when ``report.mse_thresholds.marginal`` is not given
+MSE_MARGINAL_FACTOR = 2.0
+VERDICTS = ("ACCEPT", "MARGINAL", "REJECT")
 
 
 def report_settings(cfg: dict | None) -> dict[str, Any]:
     r = {**REPORT_DEFAULTS, **((cfg or {}).get("report") or {})}
     r["budget"] = {**REPORT_DEFAULTS["budget"], **(r.get("budget") or {})}
+    mt = r.get("mse_thresholds") or {}
+    accept = {**r["budget"], **(mt.get("accept") or {})}
+    marginal = {k: MSE_MARGINAL_FACTOR * float(v) for k, v in accept.items()}
+    marginal.update(mt.get("marginal") or {})
+    r["mse_thresholds"] = {
+        "accept": {k: float(v) for k, v in accept.items()},
+        "marginal": {k: float(v) for k, v in marginal.items()},
+    }
     return r
+
+
+def quality_thresholds(cfg: dict | None) -> dict[str, dict[str, float]]:
+    """``quality.thresholds`` of the config over kvbench.quality's defaults, level by level."""
+    from kvbench.quality import DEFAULT_THRESHOLDS
+
+    given = ((cfg or {}).get("quality") or {}).get("thresholds") or {}
+    return {
+        level: {**DEFAULT_THRESHOLDS[level], **(given.get(level) or {})}
+        for level in ("accept", "marginal")
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,16 +192,21 @@ def model_order(cfg: dict, present: Iterable[str]) -> list[str]:
 # method & environment
 
 
-def environment(manifests: list[dict], machine: dict | None = None) -> dict[str, Any]:
-    """Models, corpus, seeds, versions from the capture manifests (+ the rendering machine)."""
+def environment(
+    manifests: list[dict], machine: dict | None = None, order: list[str] | None = None
+) -> dict[str, Any]:
+    """Models, corpus, seeds, versions from the capture manifests (+ the rendering machine).
+
+    ``order``: model order of the other tables (the rest follow by name)."""
     by_model: dict[str, list[dict]] = {}
     for m in manifests:
         by_model.setdefault(str(m.get("model")), []).append(m)
+    rank = {m: i for i, m in enumerate(order or [])}
     rows = []
     corpus_rows = []
     versions: dict[str, set] = {}
     seeds, corpora, attn = set(), set(), set()
-    for model in sorted(by_model):
+    for model in sorted(by_model, key=lambda m: (rank.get(m, len(rank)), m)):
         ms = sorted(by_model[model], key=lambda m: int(m.get("ctx", 0)))
         m0 = ms[-1]
         layers = m0.get("layers") or []
@@ -501,8 +546,41 @@ def win_statements(summary: pd.DataFrame, cfg: dict) -> list[Statement]:
     return out
 
 
-def pair_statements(summary: pd.DataFrame, cfg: dict) -> list[Statement]:
-    """For each configured pair (a, b): in how many cells a beats b, per metric."""
+def _common_layer_errors(metrics: pd.DataFrame, a: str, b: str, stream: str) -> pd.DataFrame:
+    """Per (model, ctx): mean rel. MSE of ``a`` and ``b`` over the layers both compress."""
+    m = metrics[
+        (metrics["stream"] == stream)
+        & metrics["compressed"].astype(bool)
+        & metrics["codec"].isin([a, b])
+    ]
+    piv = m.pivot_table(
+        index=["model", "ctx", "layer"], columns="codec", values="rel_mse", aggfunc="first"
+    )
+    if a not in piv.columns or b not in piv.columns:
+        return pd.DataFrame(columns=[a, b])
+    return piv[[a, b]].dropna().groupby(level=["model", "ctx"]).mean()
+
+
+def _advantage(fac: np.ndarray, b: str) -> str:
+    fac = fac[np.isfinite(fac) & (fac > 0)]
+    if not len(fac):
+        return ""
+    lo, hi = float(fac.min()), float(fac.max())
+    if lo >= 1:
+        return f" (advantage {fmt_num(lo)}–{fmt_num(hi)}×)"
+    if hi <= 1:
+        return f" ({b} better by {fmt_num(1 / hi)}–{fmt_num(1 / lo)}×)"
+    return f" (advantage {fmt_num(lo)}–{fmt_num(hi)}×; below 1: {b} better)"
+
+
+def pair_statements(
+    summary: pd.DataFrame, cfg: dict, metrics: pd.DataFrame | None = None
+) -> list[Statement]:
+    """For each configured pair (a, b): in how many cells a beats b, per metric.
+
+    With ``metrics``, the K/V rel. MSE of a cell is the mean over the layers *both* codecs
+    compress (apples to apples: Kakeya skips sliding layers that TurboQuant compresses);
+    otherwise each codec's own summary mean."""
     r = report_settings(cfg)
     out = []
     for a, b in r["pairs"]:
@@ -514,23 +592,24 @@ def pair_statements(summary: pd.DataFrame, cfg: dict) -> list[Statement]:
         parts, data = [], {"a": a, "b": b, "cells": len(common)}
         for metric in ("total_ratio", "k_rel_mse_mean", "v_rel_mse_mean"):
             label, better = METRIC_TEXT[metric]
-            va, vb = sa.loc[common, metric], sb.loc[common, metric]
+            if metric != "total_ratio" and metrics is not None:
+                e = _common_layer_errors(metrics, a, b, metric[0]).reindex(common)
+                va, vb = e[a], e[b]
+            else:
+                va, vb = sa.loc[common, metric], sb.loc[common, metric]
             ok = (va > vb) if better == "higher" else (va < vb)
             both = va.notna() & vb.notna()
             k, n = int((ok & both).sum()), int(both.sum())
             data[metric] = (k, n)
             if n:
                 if better == "higher":
-                    fac = (va[both] / vb[both]).to_numpy()
+                    fac = (va[both] / vb[both]).to_numpy(float)
                 else:
-                    fac = (vb[both] / va[both]).to_numpy()
-                fac = fac[np.isfinite(fac)]
-                rng = f" (advantage {fmt_num(fac.min())}–{fmt_num(fac.max())}×)" if len(fac) else ""
-                parts.append(f"on {label} in {k}/{n}{rng}")
+                    fac = (vb[both] / va[both]).to_numpy(float)
+                parts.append(f"on {label} in {k}/{n}{_advantage(fac, b)}")
         cells = summary.set_index(["model", "ctx"]).loc[common].reset_index()
-        text = (
-            f"**{a}** beats **{b}** " + ", ".join(parts) + f" of the cells ({_span_text(cells)})."
-        )
+        text = f"**{a}** beats **{b}** " + ", ".join(parts) + f" of the cells ({_span_text(cells)}"
+        text += "; errors over the layers both compress)." if metrics is not None else ")."
         out.append(Statement(text, data))
     return out
 
@@ -954,7 +1033,9 @@ def limitations(
     extrap: pd.DataFrame | None,
     manifests: list[dict],
     quality: pd.DataFrame | None,
+    cfg: dict | None = None,
 ) -> list[str]:
+    """``quality``: the per-cell quality frame of :func:`quality_cells` (or None)."""
     out = []
     n_models = summary["model"].nunique()
     ctxs = sorted(summary["ctx"].unique())
@@ -978,11 +1059,33 @@ def limitations(
             + ") are passed through by the Kakeya family but compressed by TurboQuant/ggml, so "
             "*total* ratios are not like for like there; the full-attention ratio is."
         )
+    # attention errors for every cell (a partial rerun leaves older tables without them)
+    has_attn = "attn_n_layers" in summary.columns and bool((summary["attn_n_layers"] > 0).all())
     if quality is None or quality.empty:
         out.append(
             "Errors are reconstruction errors of the captured tensors (K and V separately, plus "
-            "q·k error on sampled queries), not end-to-end quality: no attention-output or "
-            "continuation metrics in this run."
+            "q·k error on sampled queries"
+            + (" and attention metrics on them" if has_attn else "")
+            + "), not end-to-end quality: no continuation (ΔPPL / KL) measurements in this run."
+        )
+    else:
+        n_tok = sorted({int(x) for x in quality.get("n_tokens", pd.Series(dtype=float)).dropna()})
+        measured = set(quality["codec"])
+        others = [c for c in codec_order(cfg or {}, summary["codec"]) if c not in measured]
+        out.append(
+            f"Continuation quality (ΔPPL, next-token KL) is measured for {len(measured)} of "
+            f"{summary['codec'].nunique()} codecs at ctx "
+            f"{', '.join(fmt_ctx(c) for c in sorted(quality['ctx'].unique()))}"
+            + (f", over {'/'.join(map(str, n_tok))} teacher-forced tokens" if n_tok else "")
+            + " of one corpus: small ΔPPL differences are within noise (see the ΔNLL standard "
+            "errors)"
+            + (
+                f"; {', '.join(others)} {'has' if len(others) == 1 else 'have'} reconstruction"
+                + (" and attention" if has_attn else "")
+                + " errors only."
+                if others
+                else "."
+            )
         )
     out.append(
         "Legacy columns reproduce the original studies' byte conventions for comparison only; "
@@ -998,12 +1101,17 @@ def limitations(
 
 
 def timing_table(timings: pd.DataFrame | None, summary: pd.DataFrame, cfg: dict) -> Table | None:
+    """Encode/decode seconds summed over layers, per model at its error context (or, when that
+    context has no timing rows, the longest timed one); None when there are no timings."""
     if timings is None or timings.empty:
         return None
     rows = []
     for model in model_order(cfg, timings["model"]):
-        ctx = error_ctx(summary, cfg, model)
-        t = timings[(timings["model"] == model) & (timings["ctx"] == ctx)]
+        tm = timings[timings["model"] == model]
+        ctx = error_ctx(summary, cfg, model) if model in set(summary["model"]) else None
+        if ctx is None or ctx not in set(tm["ctx"]):
+            ctx = int(tm["ctx"].max())
+        t = tm[tm["ctx"] == ctx]
         for codec in codec_order(cfg, t["codec"]):
             g = t[t["codec"] == codec]
             rows.append(
@@ -1016,6 +1124,8 @@ def timing_table(timings: pd.DataFrame | None, summary: pd.DataFrame, cfg: dict)
                     "/".join(sorted(set(g["backend"].astype(str)))),
                 ]
             )
+    if not rows:
+        return None
     return Table(
         ["model", "ctx", "codec", "encode s", "decode s", "backend"],
         rows,
@@ -1023,73 +1133,391 @@ def timing_table(timings: pd.DataFrame | None, summary: pd.DataFrame, cfg: dict)
     )
 
 
-QUALITY_KEYS = {
-    "model",
-    "ctx",
-    "codec",
-    "layer",
-    "stream",
-    "family",
-    "stream_codec",
-    "layer_type",
-    "n_kv",
-    "tokens",
-    "head_dim",
-    "compressed",
-}
-#: Columns of the quality tables shown when present (kvbench.quality.QUALITY_COLUMNS), with labels.
-QUALITY_SHOWN = {
-    "delta_ppl_rel": ("Δ PPL", fmt_pct),
-    "kl_mean": ("KL mean", fmt_err),
-    "kl_p99": ("KL p99", fmt_err),
-    "top1_agree": ("top-1 agree", fmt_pct),
-    "mean_attn_kl": ("attn KL", fmt_err),
-    "mean_attn_top1": ("attn top-1", fmt_pct),
-    "mean_attn_out_rel_err": ("attn out rel. err", fmt_err),
-    "verdict": ("verdict", str),
-}
+# ---------------------------------------------------------------------------------------------
+# quality: continuation (results/quality) and attention (codec tables), MSE vs KL/ΔPPL verdicts
 
 
-def quality_tables(quality: pd.DataFrame | None, cfg: dict) -> list[dict]:
-    """QUALITY BLOCK: per (model, ctx, codec) the known quality columns (means over rows), else
-    every numeric column."""
+CELL_KEYS = ["model", "ctx", "codec"]
+
+
+def mse_verdict(k_rel_mse, v_rel_mse, thresholds: dict) -> str:
+    """ACCEPT / MARGINAL / REJECT from the mean relative MSE of K and V (the worse of the two).
+
+    ``thresholds = {"accept": {"k_rel_mse": .., "v_rel_mse": ..}, "marginal": {...}}`` (see
+    :func:`report_settings`); a NaN gives ``"n/a"`` (pass 0 for a stream the codec leaves exact).
+    """
+    if _nan(k_rel_mse) or _nan(v_rel_mse):
+        return "n/a"
+    for verdict, key in (("ACCEPT", "accept"), ("MARGINAL", "marginal")):
+        th = thresholds[key]
+        if float(k_rel_mse) <= th["k_rel_mse"] and float(v_rel_mse) <= th["v_rel_mse"]:
+            return verdict
+    return "REJECT"
+
+
+def verdict_flag(mse: str, quality: str) -> str:
+    """``""`` when the verdicts agree (or one is n/a), else which way the MSE verdict errs."""
+    if mse not in VERDICTS or quality not in VERDICTS or mse == quality:
+        return ""
+    return "MSE optimistic" if VERDICTS.index(mse) < VERDICTS.index(quality) else "MSE pessimistic"
+
+
+def _stream_error(df: pd.DataFrame, stream: str) -> pd.Series:
+    """Mean rel. MSE of a stream; 0 where the codec compresses no layer of it; NaN: no row."""
+    n, e = df[f"{stream}_n_compressed"], df[f"{stream}_rel_mse_mean"]
+    return pd.Series(np.where(n.isna(), np.nan, np.where(n > 0, e, 0.0)), index=df.index)
+
+
+def quality_cells(
+    quality: pd.DataFrame | None, summary: pd.DataFrame, cfg: dict
+) -> pd.DataFrame | None:
+    """One row per (model, ctx, codec) with a continuation table: its metrics (mean over its
+    rows), the summary's bits per value / ratio / mean rel. MSE at the same cell, the KL/ΔPPL
+    verdict (:func:`kvbench.quality.quality_verdicts`), the MSE verdict and the flag."""
+    from kvbench.quality import quality_verdicts
+
     if quality is None or quality.empty:
-        return []
-    shown = [c for c in QUALITY_SHOWN if c in quality.columns]
-    if shown:
-        cols = [(c, *QUALITY_SHOWN[c]) for c in shown]
-    else:
-        cols = [
-            (c, c, fmt_err)
-            for c in quality.columns
-            if c not in QUALITY_KEYS
-            and pd.api.types.is_numeric_dtype(quality[c])
-            and not pd.api.types.is_bool_dtype(quality[c])
-        ]
-    out = []
-    for model in model_order(cfg, quality["model"]):
-        q = quality[quality["model"] == model]
-        rows = []
-        for ctx in sorted(q["ctx"].unique()):
-            for codec in codec_order(cfg, q.loc[q["ctx"] == ctx, "codec"]):
-                g = q[(q["ctx"] == ctx) & (q["codec"] == codec)]
-                cells = []
-                for c, _, f in cols:
-                    if pd.api.types.is_numeric_dtype(g[c]) and not pd.api.types.is_bool_dtype(g[c]):
-                        cells.append(f(g[c].mean()))
-                    else:
-                        cells.append("/".join(sorted({str(v) for v in g[c]})))
-                rows.append([fmt_ctx(ctx), codec, *cells])
-        out.append(
-            {
-                "model": model,
-                "table": Table(
-                    ["ctx", "codec", *[label for _, label, _ in cols]],
-                    rows,
-                    ["r", "l"] + ["l" if f is str else "r" for _, _, f in cols],
-                ),
-            }
+        return None
+    num = [
+        c
+        for c in quality.columns
+        if c not in CELL_KEYS
+        and pd.api.types.is_numeric_dtype(quality[c])
+        and not pd.api.types.is_bool_dtype(quality[c])
+    ]
+    q = quality.groupby(CELL_KEYS, sort=True)[num].mean().reset_index()
+    for c in ("kl_mean", "delta_ppl_rel", "top1_agree"):
+        if c not in q.columns:
+            q[c] = math.nan
+    qv = quality_verdicts(q, quality_thresholds(cfg))
+    q["quality_verdict"] = qv["quality_verdict"].to_numpy()
+    cols = [
+        "bits_per_value",
+        "total_ratio",
+        "k_rel_mse_mean",
+        "v_rel_mse_mean",
+        "k_n_compressed",
+        "v_n_compressed",
+    ]
+    q = q.merge(summary[CELL_KEYS + cols], on=CELL_KEYS, how="left", validate="one_to_one")
+    q["k_err"], q["v_err"] = _stream_error(q, "k"), _stream_error(q, "v")
+    th = report_settings(cfg)["mse_thresholds"]
+    q["mse_verdict"] = [mse_verdict(k, v, th) for k, v in zip(q["k_err"], q["v_err"], strict=True)]
+    q["flag"] = [
+        verdict_flag(m, v) for m, v in zip(q["mse_verdict"], q["quality_verdict"], strict=True)
+    ]
+    mr = {m: i for i, m in enumerate(model_order(cfg, q["model"]))}
+    cr = {c: i for i, c in enumerate(codec_order(cfg, q["codec"]))}
+    q = q.assign(_m=q["model"].map(mr), _c=q["codec"].map(cr))
+    q = q.sort_values(["_m", "ctx", "_c"], kind="stable").drop(columns=["_m", "_c"])
+    return q.reset_index(drop=True)
+
+
+def fmt_signed_pct(x) -> str:
+    if _nan(x):
+        return NA
+    return "0" if float(x) == 0 else f"{100 * float(x):+.1f}%"
+
+
+def fmt_dnll(x, se) -> str:
+    if _nan(x):
+        return NA
+    if float(x) == 0 and (_nan(se) or float(se) == 0):
+        return "0"
+    return f"{float(x):+.4f}" + ("" if _nan(se) else f" ± {float(se):.4f}")
+
+
+def continuation_table(cells: pd.DataFrame) -> Table:
+    rows = []
+    for r in cells.to_dict("records"):
+        rows.append(
+            [
+                r["model"],
+                fmt_ctx(r["ctx"]),
+                r["codec"],
+                fmt_num(r["bits_per_value"]),
+                fmt_signed_pct(r.get("delta_ppl_rel")),
+                fmt_dnll(r.get("delta_nll"), r.get("delta_nll_se")),
+                fmt_err(r.get("kl_mean")),
+                fmt_err(r.get("kl_p99")),
+                fmt_pct(r.get("top1_agree")),
+                r["quality_verdict"],
+            ]
         )
+    return Table(
+        [
+            "model",
+            "ctx",
+            "codec",
+            "bits/value",
+            "Δ PPL",
+            "Δ NLL ± s.e. (nats)",
+            "KL mean",
+            "KL p99",
+            "top-1 agree",
+            "verdict (KL/ΔPPL)",
+        ],
+        rows,
+        ["l", "r", "l", "r", "r", "r", "r", "r", "r", "l"],
+    )
+
+
+def _by_verdict(g: pd.DataFrame, col: str) -> str:
+    parts = []
+    for v in (*VERDICTS, "n/a"):
+        names = list(g.loc[g[col] == v, "codec"])
+        if names:
+            parts.append(f"{v} {', '.join(names)}")
+    return "; ".join(parts)
+
+
+def quality_statements(cells: pd.DataFrame, cfg: dict) -> list[Statement]:
+    """Per (model, ctx): codecs by KL/ΔPPL verdict, the fewest bits with ACCEPT, and the count
+    of cells where the MSE verdict disagrees."""
+    r = report_settings(cfg)
+    c = cells[~cells["codec"].isin(r["exclude_from_wins"])]
+    out = []
+    if c.empty:
+        ref = ", ".join(sorted(set(cells["codec"])))
+        return [
+            Statement(
+                f"Only the reference ({ref}) has a continuation table: no lossy codec is "
+                "measured (config `quality.codecs`).",
+                {"flagged": 0, "cells": 0},
+            )
+        ]
+    for (model, ctx), g in c.groupby(["model", "ctx"], sort=False):
+        ok = g[g["quality_verdict"] == "ACCEPT"].dropna(subset=["bits_per_value"])
+        best = ok.sort_values(["bits_per_value", "codec"]).iloc[0] if len(ok) else None
+        text = f"**{model}**, ctx {fmt_ctx(ctx)}: {_by_verdict(g, 'quality_verdict')}."
+        if best is not None:
+            text += (
+                " Fewest bits among the measured codecs with a KL/ΔPPL ACCEPT: "
+                f"**{best['codec']}** "
+                f"({fmt_num(best['bits_per_value'])} bits/value, {fmt_ratio(best['total_ratio'])})."
+            )
+        else:
+            text += " No codec measured here reaches a KL/ΔPPL ACCEPT."
+        out.append(
+            Statement(
+                text,
+                {
+                    "model": model,
+                    "ctx": int(ctx),
+                    "verdicts": dict(zip(g["codec"], g["quality_verdict"], strict=True)),
+                    "best_accept": None if best is None else best["codec"],
+                },
+            )
+        )
+    flagged = c[c["flag"] != ""]
+    n = int((c["mse_verdict"].isin(VERDICTS) & c["quality_verdict"].isin(VERDICTS)).sum())
+    out.append(
+        Statement(
+            f"The MSE verdict disagrees with the KL/ΔPPL verdict in {len(flagged)}/{n} measured "
+            "codec cells"
+            + (
+                " (" + ", ".join(f"{x.codec} on {x.model}" for x in flagged.itertuples()) + ")"
+                if len(flagged)
+                else ""
+            )
+            + "; see DECISION.md.",
+            {"flagged": len(flagged), "cells": n},
+        )
+    )
+    return out
+
+
+#: Attention columns of the summary (kvbench.aggregate), with labels and formats.
+ATTN_SHOWN = (
+    ("attn_kl_mean", "attn KL", fmt_err),
+    ("attn_kl_max", "worst-layer attn KL", fmt_err),
+    ("attn_top1_mean", "top-1 key kept", fmt_pct),
+    ("attn_top8_mean", "top-8 overlap", fmt_pct),
+    ("attn_out_rel_err_mean", "output rel. err", fmt_err),
+)
+#: The same from the quality tables (layer means over every cached layer).
+QUALITY_ATTN_SHOWN = (
+    ("mean_attn_kl", "attn KL", fmt_err),
+    ("max_attn_kl", "worst-layer attn KL", fmt_err),
+    ("mean_attn_top1", "top-1 key kept", fmt_pct),
+    ("mean_attn_top8", "top-8 overlap", fmt_pct),
+    ("mean_attn_out_rel_err", "output rel. err", fmt_err),
+)
+
+
+def _attn_table(df: pd.DataFrame, cols, with_ctx: bool, layers: bool = True) -> Table:
+    rows = []
+    for r in df.to_dict("records"):
+        row = [fmt_ctx(r["ctx"])] if with_ctx else []
+        row.append(r["codec"])
+        if layers:
+            row.append(f"{int(r['attn_n_layers'])}/{int(r['n_layers'])}")
+        row += [f(r.get(c)) for c, _, f in cols]
+        rows.append(row)
+    head = (["ctx"] if with_ctx else []) + ["codec"] + (["layers"] if layers else [])
+    align = (["r"] if with_ctx else []) + ["l"] + (["r"] if layers else [])
+    return Table(head + [lab for _, lab, _ in cols], rows, align + ["r"] * len(cols))
+
+
+def _cell_order(df: pd.DataFrame, cfg: dict) -> pd.DataFrame:
+    rank = {c: i for i, c in enumerate(codec_order(cfg, df["codec"]))}
+    return df.assign(_r=df["codec"].map(rank)).sort_values(["ctx", "_r"]).drop(columns="_r")
+
+
+def attention_section(
+    summary: pd.DataFrame, quality: pd.DataFrame | None, cfg: dict
+) -> dict[str, Any] | None:
+    """Attention tables per model from the summary's ``attn_*`` columns (layers each codec
+    compresses); the quality tables' layer means are shown when the codec tables do not cover
+    every cell. None when neither source has attention values."""
+    out: dict[str, Any] = {"models": [], "notes": [], "quality_tables": []}
+    has = "attn_n_layers" in summary.columns and bool((summary["attn_n_layers"] > 0).any())
+    complete = has and bool((summary["attn_n_layers"] > 0).all())
+    if has:
+        s = summary[summary["attn_n_layers"] > 0]
+        for model in model_order(cfg, s["model"]):
+            sm = s[s["model"] == model]
+            ctxs = sorted(sm["ctx"].unique())
+            want = error_ctx(summary, cfg, model)
+            ctx = want if want in ctxs else int(ctxs[-1])
+            main = _cell_order(sm[sm["ctx"] == ctx], cfg)
+            out["models"].append(
+                {
+                    "model": model,
+                    "ctx": fmt_ctx(ctx),
+                    "table": _attn_table(main, ATTN_SHOWN, with_ctx=False),
+                    "all": _attn_table(_cell_order(sm, cfg), ATTN_SHOWN, with_ctx=True)
+                    if len(ctxs) > 1
+                    else None,
+                    "n_ctx": len(ctxs),
+                }
+            )
+        if not complete:
+            missing = int((summary["attn_n_layers"].fillna(0) == 0).sum())
+            out["notes"].append(
+                f"{missing} of {len(summary)} (model, ctx, codec) cells have no attention values: "
+                "their codec tables predate the attention columns (rerun `compress` for them)"
+            )
+    else:
+        out["notes"].append(
+            "The codec tables carry no attention columns (they predate them; rerun `compress`)"
+        )
+    q_cols = [c for c in QUALITY_ATTN_SHOWN if quality is not None and c[0] in quality.columns]
+    if not complete and q_cols:
+        q = quality.groupby(CELL_KEYS, sort=True)[[c for c, _, _ in q_cols]].mean().reset_index()
+        q = q.dropna(subset=[q_cols[0][0]], how="all")
+        for model in model_order(cfg, q["model"]):
+            qm = _cell_order(q[q["model"] == model], cfg)
+            out["quality_tables"].append(
+                {"model": model, "table": _attn_table(qm, q_cols, with_ctx=True, layers=False)}
+            )
+    if not out["models"] and not out["quality_tables"]:
+        return None
+    return out
+
+
+def verdict_table(cells: pd.DataFrame, cfg: dict) -> Table:
+    """DECISION.md: both verdicts per measured codec cell and the disagreement flag."""
+    r = report_settings(cfg)
+    c = cells[~cells["codec"].isin(r["exclude_from_wins"])]
+    rows = []
+    for x in c.to_dict("records"):
+        flag = f"⚑ {x['flag']}" if x["flag"] else ""
+        rows.append(
+            [
+                x["model"],
+                fmt_ctx(x["ctx"]),
+                x["codec"],
+                fmt_num(x["bits_per_value"]),
+                fmt_err(x["k_err"]),
+                fmt_err(x["v_err"]),
+                f"**{x['mse_verdict']}**",
+                fmt_err(x.get("kl_mean")),
+                fmt_signed_pct(x.get("delta_ppl_rel")),
+                f"**{x['quality_verdict']}**",
+                flag,
+            ]
+        )
+    return Table(
+        [
+            "model",
+            "ctx",
+            "codec",
+            "bits/value",
+            "K rel. MSE",
+            "V rel. MSE",
+            "MSE verdict",
+            "KL mean",
+            "Δ PPL",
+            "KL/ΔPPL verdict",
+            "flag",
+        ],
+        rows,
+        ["l", "r", "l", "r", "r", "r", "l", "r", "r", "l", "l"],
+    )
+
+
+def verdict_statements(cells: pd.DataFrame, cfg: dict) -> list[Statement]:
+    """One statement per flagged cell (which metric is off, by how much), then the count."""
+    r = report_settings(cfg)
+    c = cells[~cells["codec"].isin(r["exclude_from_wins"])]
+    out = []
+    for x in c[c["flag"] != ""].to_dict("records"):
+        why = (
+            "the reconstruction error looks acceptable but the model's predictions move more"
+            if x["flag"] == "MSE optimistic"
+            else "the reconstruction error overstates the damage to the model's predictions"
+        )
+        out.append(
+            Statement(
+                f"⚑ **{x['codec']}** on {x['model']} (ctx {fmt_ctx(x['ctx'])}): MSE verdict "
+                f"{x['mse_verdict']} (K {fmt_err(x['k_err'])}, V {fmt_err(x['v_err'])}) but "
+                f"KL/ΔPPL verdict {x['quality_verdict']} (KL {fmt_err(x.get('kl_mean'))}, "
+                f"ΔPPL {fmt_signed_pct(x.get('delta_ppl_rel'))}): {why}.",
+                {
+                    "model": x["model"],
+                    "ctx": int(x["ctx"]),
+                    "codec": x["codec"],
+                    "mse_verdict": x["mse_verdict"],
+                    "quality_verdict": x["quality_verdict"],
+                    "flag": x["flag"],
+                },
+            )
+        )
+    return out
+
+
+def budget_choice_coverage(
+    recs: list[Statement], cells: pd.DataFrame | None, cfg: dict
+) -> list[str]:
+    """Whether each codec chosen under the MSE budget has a KL/ΔPPL verdict, and which."""
+    if not recs:
+        return []
+    chosen: dict[str, list[tuple[str, int]]] = {}
+    for s in recs:
+        chosen.setdefault(s.data["codec"], []).append((s.data["model"], s.data["ctx"]))
+    out = []
+    for codec, where in chosen.items():
+        have = (
+            cells[cells["codec"] == codec]
+            if cells is not None
+            else pd.DataFrame(columns=["model", "ctx", "quality_verdict"])
+        )
+        if have.empty:
+            measured = ", ".join(codec_order(cfg, cells["codec"])) if cells is not None else "none"
+            out.append(
+                f"**{codec}** (chosen in {len(where)} cell{'s' if len(where) != 1 else ''}) has "
+                f"no continuation measurement in this run (quality codecs: {measured}), so its "
+                "choice rests on MSE alone; add it to `quality.codecs` to check it"
+            )
+        else:
+            v = ", ".join(
+                f"{m} {fmt_ctx(c)}: {qv}"
+                for m, c, qv in zip(
+                    have["model"], have["ctx"], have["quality_verdict"], strict=True
+                )
+            )
+            out.append(f"**{codec}** KL/ΔPPL verdict where measured: {v}")
     return out
 
 
@@ -1104,6 +1532,7 @@ def figure_names(models: Iterable[str]) -> dict[str, list[str]]:
         "ratio": [f"ratio_vs_ctx_{m}.png" for m in models],
         "rd": ["rate_distortion_k.png", "rate_distortion_v.png"],
         "heatmap": [f"layer_error_{m}.png" for m in models],
+        "rate_dppl": ["rate_vs_dppl.png"],
     }
 
 
@@ -1139,11 +1568,25 @@ def summary_context(
     r = report_settings(cfg)
     tables = {"summary": summary, "metrics": metrics, "extrapolation": extrap}
     check_table, check_note = extrapolation_check(metrics, cfg)
-    rec_table, _ = recommendations(summary, cfg)
+    rec_table, recs = recommendations(summary, cfg)
     models = model_order(cfg, summary["model"])
     figs = figure_names(models)
+    cells = quality_cells(quality, summary, cfg)
+    continuation = None
+    if cells is not None:
+        n_tok = sorted({int(x) for x in cells.get("n_tokens", pd.Series(dtype=float)).dropna()})
+        continuation = {
+            "table": continuation_table(cells),
+            "statements": quality_statements(cells, cfg),
+            "n_tokens": "/".join(map(str, n_tok)) or NA,
+            "contexts": ", ".join(fmt_ctx(c) for c in sorted(cells["ctx"].unique())),
+            "thresholds": quality_thresholds(cfg),
+            "figure": f"{figures_dir}/{figs['rate_dppl'][0]}"
+            if (~cells["codec"].isin(r["exclude_from_wins"])).any()
+            else None,
+        }
     return {
-        "env": environment(manifests, machine),
+        "env": environment(manifests, machine, models),
         "n_models": len(models),
         "models": models,
         "codecs": codec_order(cfg, summary["codec"]),
@@ -1161,15 +1604,17 @@ def summary_context(
         "headline_ctx": [fmt_ctx(c) for c in r["headline_ctx"]],
         "errors": error_tables(summary, cfg),
         "wins": win_statements(summary, cfg),
-        "pairs": pair_statements(summary, cfg),
+        "pairs": pair_statements(summary, cfg, metrics),
         "pareto": pareto_statements(summary, cfg),
         "recommend": rec_table,
+        "coverage": budget_choice_coverage(recs, cells, cfg) if cells is not None else [],
         "budget": r["budget"],
         "legacy": legacy_table(summary, cfg),
         "claims": check_claims(cfg.get("claims"), tables),
-        "limitations": limitations(summary, extrap, manifests, quality),
+        "limitations": limitations(summary, extrap, manifests, cells, cfg),
         "timings": timing_table(timings, summary, cfg),
-        "quality": quality_tables(quality, cfg),
+        "continuation": continuation,
+        "attention": attention_section(summary, quality, cfg),
         "figures": {k: [f"{figures_dir}/{f}" for f in v] for k, v in figs.items()},
         "fig_models": models,
     }
@@ -1196,15 +1641,35 @@ def decision_context(
     ablation: pd.DataFrame | None,
     summary: pd.DataFrame,
     cfg: dict,
+    quality: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     from kvbench import ablation as ab
 
     s = ab.settings(cfg.get("ablation"))
-    rec_table, _ = recommendations(summary, cfg)
+    r = report_settings(cfg)
+    rec_table, recs = recommendations(summary, cfg)
+    cells = quality_cells(quality, summary, cfg)
+    verdicts = None
+    c = None if cells is None else cells[~cells["codec"].isin(r["exclude_from_wins"])]
+    if c is not None and not c.empty:
+        both = c["mse_verdict"].isin(VERDICTS) & c["quality_verdict"].isin(VERDICTS)
+        verdicts = {
+            "table": verdict_table(cells, cfg),
+            "flags": verdict_statements(cells, cfg),
+            "n_flagged": int((c["flag"] != "").sum()),
+            "n_cells": int(both.sum()),
+            "n_optimistic": int((c["flag"] == "MSE optimistic").sum()),
+            "n_pessimistic": int((c["flag"] == "MSE pessimistic").sum()),
+            "contexts": ", ".join(fmt_ctx(x) for x in sorted(c["ctx"].unique())),
+        }
     ctx: dict[str, Any] = {
         "settings": s,
         "recommend": rec_table,
-        "budget": report_settings(cfg)["budget"],
+        "budget": r["budget"],
+        "mse_th": r["mse_thresholds"],
+        "q_th": quality_thresholds(cfg),
+        "verdicts": verdicts,
+        "coverage": budget_choice_coverage(recs, cells, cfg),
         "has_ablation": ablation is not None and not ablation.empty,
     }
     if not ctx["has_ablation"]:
@@ -1329,8 +1794,17 @@ def _fmt_cell(c: dict) -> dict:
     }
 
 
-def render_decision(ablation: pd.DataFrame | None, summary: pd.DataFrame, cfg: dict) -> str:
-    return _env().get_template("DECISION.md.j2").render(**decision_context(ablation, summary, cfg))
+def render_decision(
+    ablation: pd.DataFrame | None,
+    summary: pd.DataFrame,
+    cfg: dict,
+    quality: pd.DataFrame | None = None,
+) -> str:
+    return (
+        _env()
+        .get_template("DECISION.md.j2")
+        .render(**decision_context(ablation, summary, cfg, quality))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1381,12 +1855,12 @@ def write_reports(
         machine=machine if machine is not None else machine_info(),
         figures_dir=rel.as_posix(),
     )
-    made = make_figures(s, m, e, cfg, fig_dir)
+    made = make_figures(s, m, e, cfg, fig_dir, quality_cells(q, s, cfg))
     missing = {Path(f).name for f in figures} - {p.name for p in made}
     if missing:
         raise KvbenchError(f"report: figures {sorted(missing)} were expected but not drawn")
     atomic_write_text(summary_md, text)
-    atomic_write_text(decision_md, render_decision(ab, s, cfg))
+    atomic_write_text(decision_md, render_decision(ab, s, cfg, q))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1421,6 +1895,8 @@ def report_params(config: dict) -> dict[str, Any]:
         "report": config.get("report") or {},
         "claims": config.get("claims") or {},
         "ablation": config.get("ablation") or {},
+        # the verdict thresholds only: other quality keys change the tables, which are inputs
+        "quality": {"thresholds": (config.get("quality") or {}).get("thresholds") or {}},
     }
 
 
@@ -1454,6 +1930,15 @@ def figure_outputs(models: Iterable[str], root: str = "results/figures"):
                 "../report/layer_error.rst",
                 "Per-layer error",
                 {"model": m, "figure": "layer error"},
+            )
+        )
+    for f in names["rate_dppl"]:
+        out.append(
+            (
+                f"{root}/{f}",
+                "../report/rate_vs_dppl.rst",
+                "Quality",
+                {"figure": "rate vs delta-PPL"},
             )
         )
     return out

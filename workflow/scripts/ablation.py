@@ -1,14 +1,15 @@
 """Snakemake adapter: the K-side variance_ratio x d_res ablation on one model's capture."""
 
 import logging
-from pathlib import Path
 
-from kvbench.ablation import run_ablation
-from kvbench.tables import write_parquet
+from kvbench.job import start_job
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-)
+start_job(snakemake.log[0], threads=snakemake.threads)
+from pathlib import Path  # noqa: E402
+
+from kvbench.ablation import run_ablation  # noqa: E402
+from kvbench.tables import write_parquet  # noqa: E402
+
 table = run_ablation(
     Path(snakemake.input.manifest).parent, snakemake.params.settings, snakemake.params.backend
 )

@@ -2,12 +2,13 @@
 
 import logging
 
-from kvbench.aggregate import aggregate
-from kvbench.tables import write_parquet
+from kvbench.job import start_job
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-)
+start_job(snakemake.log[0], threads=1)
+
+from kvbench.aggregate import aggregate  # noqa: E402
+from kvbench.tables import write_parquet  # noqa: E402
+
 metrics, summary, timings = aggregate(snakemake.input.tables, snakemake.input.timings)
 write_parquet(metrics, snakemake.output.metrics)
 write_parquet(summary, snakemake.output.summary)

@@ -2,12 +2,13 @@
 
 import logging
 
-from kvbench.extrapolate import extrapolate
-from kvbench.tables import read_parquet, write_parquet
+from kvbench.job import start_job
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-)
+start_job(snakemake.log[0], threads=1)
+
+from kvbench.extrapolate import extrapolate  # noqa: E402
+from kvbench.tables import read_parquet, write_parquet  # noqa: E402
+
 table = extrapolate(
     read_parquet(snakemake.input.metrics),
     snakemake.params.targets,

@@ -1,13 +1,13 @@
 """Snakemake adapter: render SUMMARY.md, DECISION.md and the figures from the result tables."""
 
-import logging
-from pathlib import Path
+from kvbench.job import start_job
 
-from kvbench.report import write_reports
+start_job(snakemake.log[0], threads=1)
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-)
+from pathlib import Path  # noqa: E402
+
+from kvbench.report import write_reports  # noqa: E402
+
 write_reports(
     metrics=snakemake.input.metrics,
     summary=snakemake.input.summary,
