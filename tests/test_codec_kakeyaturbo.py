@@ -1,7 +1,5 @@
 """kakeyaturbo (KT1.2): spec kakeya.md 2.x byte integers, round trip, legacy vs fixed, batching."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -527,34 +525,6 @@ def test_batched_equals_codec_run_per_block():
         )
         assert same >= 0.99
         np.testing.assert_allclose(c.decode(e1)[0], y[b], atol=1e-3 * np.abs(blk).max())
-
-
-# ---------------------------------------------------------------- speed (printed, not asserted)
-
-
-def test_speed_exploration(capsys):
-    rng = np.random.default_rng(0)
-    lines = []
-    for shape in ((3, 8192, 64), (1, 8192, 256)):
-        d = shape[-1]
-        x = (rng.standard_normal(shape) * np.exp(-np.arange(d) / 12)) @ rng.standard_normal((d, d))
-        x = x.astype(np.float32)
-        mb = x.size * 2 / 1e6
-        for stream in ("k", "v"):
-            c = codec()
-            c.decode(c.encode(x, stream))  # warm-up (torch import, caches)
-            t0 = time.perf_counter()
-            enc = c.encode(x, stream)
-            t1 = time.perf_counter()
-            c.decode(enc)
-            t2 = time.perf_counter()
-            te, td = t1 - t0, t2 - t1
-            lines.append(
-                f"kakeyaturbo {stream} {shape}: encode {te:.3f}s decode {td:.3f}s -> "
-                f"{mb / (te + td):.1f} MB/s bf16 (enc {mb / te:.1f}, dec {mb / td:.1f})"
-            )
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
 
 
 # ---------------------------------------------------------------- CPU (numpy) vs GPU (cupy)

@@ -1,8 +1,6 @@
 """TurboQuant+ codec: byte models, codebooks, reference MSE (spec turboquant.md 4.2), layouts."""
 
 import math
-import os
-import time
 
 import numpy as np
 import pytest
@@ -358,35 +356,6 @@ def test_bad_params_and_streams():
         tq(bitz=3)
     with pytest.raises(KvbenchError, match="stream"):
         tq().encode(np.zeros((1, 2, 64), np.float32), "q")
-
-
-# ----------------------------------------------------------------------------- speed (prints)
-
-
-@pytest.mark.skipif(not os.environ.get("KVBENCH_SPEED"), reason="set KVBENCH_SPEED=1 (prints MB/s)")
-def test_speed_report():
-    """Exploration only: MB/s of bf16 input for encode+decode (nothing asserted; run with -s)."""
-    rng = np.random.default_rng(0)
-    for shape in [(3, 8192, 64), (1, 8192, 256)]:
-        x = rng.standard_normal(shape).astype(np.float32)
-        for spec in (
-            {"family": "turboquant", "bits": 3},
-            {"family": "turboquant", "bits": 3, "variant": "llamacpp"},
-            {"family": "ggml", "type": "q8_0"},
-        ):
-            codec = build_from_spec("c", spec)
-            rates = []
-            for s in ("k", "v"):
-                codec.decode(codec.encode(x, s))
-                best = min(_timed(codec, x, s) for _ in range(3))
-                rates.append(2 * x.size / best / 1e6)
-            print(f"speed {shape} {spec}: K {rates[0]:.0f} MB/s, V {rates[1]:.0f} MB/s")
-
-
-def _timed(codec, x, s):
-    t0 = time.perf_counter()
-    codec.decode(codec.encode(x, s))
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- GPU parity
