@@ -20,7 +20,7 @@ from kvbench.backend import get_xp, synchronize, to_numpy
 from kvbench.codecs.base import BYTE_FIELDS, STREAMS, Codec
 from kvbench.codecs.skip import build_codec_for_capture, layer_compressed
 from kvbench.metrics import inner_product_error, reconstruction_errors
-from kvbench.shards import load_manifest, read_shard
+from kvbench.shards import load_manifest, n_cached_layers, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def compress_capture(
     """
     manifest = load_manifest(capture_dir)
     xp = get_xp(backend)
-    n_layers = max(int(e["index"]) for e in manifest["layers"]) + 1
-    codec = build_codec_for_capture(codec_name, codecs_cfg, n_layers, xp)
+    codec = build_codec_for_capture(codec_name, codecs_cfg, n_cached_layers(manifest), xp)
     rows, timings = [], []
     for entry in manifest["layers"]:
         layer, shards = entry["index"], entry["shards"]

@@ -36,7 +36,7 @@ from kvbench.codecs.base import STREAMS, Codec
 from kvbench.codecs.skip import build_codec_for_capture, layer_compressed
 from kvbench.corpus import token_ids_sha256
 from kvbench.errors import KvbenchError
-from kvbench.shards import load_manifest, read_shard
+from kvbench.shards import load_manifest, n_cached_layers, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ DEFAULT_THRESHOLDS = {
 }
 
 VERDICTS = ("ACCEPT", "MARGINAL", "REJECT")
-
-
-def n_cached_layers(manifest: dict[str, Any]) -> int:
-    return max(int(e["index"]) for e in manifest["layers"]) + 1
 
 
 # --------------------------------------------------------------------------------------------------

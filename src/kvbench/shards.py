@@ -103,6 +103,11 @@ def load_manifest(capture_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def n_cached_layers(manifest: dict[str, Any]) -> int:
+    """Cache layers of a capture (negative ``skip_layers`` count back from this)."""
+    return max(int(e["index"]) for e in manifest["layers"]) + 1
+
+
 def read_shard(capture_dir: str | Path, entry: dict[str, Any], verify: bool = True) -> np.ndarray:
     """Load one shard described by a manifest entry ``{file, shape, sha256}`` as float32.
 
