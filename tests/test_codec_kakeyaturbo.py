@@ -361,8 +361,8 @@ def _ref_pca(x, vr):
     """Spec 2.4 on one ``[n, D]`` matrix, Rust loop order (f32 running sums)."""
     eps = np.float32(np.finfo(np.float32).eps)
     d = x.shape[1]
-    mu = x.mean(axis=0)
-    lam, vec = kt._cov_eigh(np, (x - mu)[None])  # the codec's covariance + eigh backend
+    mu, lam, vec = kt._mean_cov_eigh(np, x[None])  # the codec's mean, covariance + eigh backend
+    mu = mu[0]
     lam, vec = lam[0][::-1], vec[0][:, ::-1].copy()
     for j in range(d):  # canonical sign (largest-|.| component positive)
         if vec[np.argmax(np.abs(vec[:, j])), j] < 0:
@@ -552,3 +552,153 @@ def test_cupy_matches_numpy(spec):
         assert rel_mse(x, yg) == pytest.approx(rel_mse(x, yn), rel=0.01)
         same = np.mean(cp.asnumpy(eg.arrays["res_packed"]) == en.arrays["res_packed"])
         assert same > 0.9
+
+
+def _gpu():
+    from kvbench.backend import _cupy_or_none
+
+    cp = _cupy_or_none()
+    if cp is None:
+        pytest.skip("no CUDA GPU usable through CuPy")
+    return cp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "spec,shape",
+    [
+        ({}, (3, 1024, 64)),
+        (dict(LEGACY), (3, 1024, 64)),
+        ({"block_size": 100, "k": 5, "bit_width": 2, "skeleton_dtype": "f32"}, (2, 300, 16)),
+        ({"block_size": 64, "k": 32, "bit_width": 4, "share_basis_v": False}, (2, 256, 32)),
+        ({"block_size": 64, "k": 1, "bit_width": 1, "kmeans_max_iter": 0}, (1, 256, 16)),
+    ],
+)
+def test_gpu_kernels_match_numpy_codes(spec, shape):
+    # kernels.kt_encode_blocks / kt_decode_blocks on the NumPy path's own fit and coefficients:
+    # the same K-means decisions and codes (only float32 summation orders differ), and decoding
+    # the NumPy encoding reproduces the NumPy decode to round-off
+    from kvbench.codecs.kernels import kt_decode_blocks, kt_encode_blocks, kt_pad
+
+    cp = _gpu()
+    x = lowrank(*shape, decay=4.0, seed=21)
+    x[0, :40] = 0.0  # rows without a direction (invalid for K-means, zero residual)
+    for stream in ("k", "v"):
+        c = codec(**spec)
+        p, cfg = c.params, c._stream_cfg(stream)
+        bs = p["block_size"]
+        blocks = x.reshape(-1, shape[-1])[: x.size // shape[-1] // bs * bs]
+        blocks = blocks.reshape(-1, bs, shape[-1])
+        src = blocks.reshape(1, -1, shape[-1]) if cfg["shared"] else blocks
+        fit = kt.fit_pca(np, src, p["variance_ratio"], p["skeleton_dtype"])
+        d_eff = np.broadcast_to(fit.d_eff, (blocks.shape[0],))
+        wht = kt.next_pow2_array(d_eff)
+        codes, seg, centres, k_eff = c._code_blocks(blocks, fit, wht, cfg)
+        coef = kt.pca_project(np, src, fit).reshape(blocks.shape[0], bs, -1)
+        dp, dp4 = fit.d_pad, kt_pad(fit.d_pad)
+        coef4 = np.zeros(coef.shape[:2] + (dp4,), np.float32)
+        coef4[..., :dp] = coef
+        tabs = kt._kt_tables(cp, cfg["seed"], bs, next_pow2(dp), p["bit_width"])
+        norm_mode = (2 if p["wht_scale"] == "fixed" else 1) if cfg["norm_used"] else 0
+        out = kt_encode_blocks(
+            cp,
+            cp.asarray(coef4),
+            tabs["first"],
+            cp.asarray(d_eff.astype(np.int32)),
+            tabs["signs"],
+            tabs["mids"],
+            k=p["k"],
+            bits=p["bit_width"],
+            max_iter=p["kmeans_max_iter"],
+            round16=p["skeleton_dtype"] == "f16",
+            legacy_scale=p["wht_scale"] == "legacy_sqrtN",
+            norm_mode=norm_mode,
+        )
+        g = {k: cp.asnumpy(v) for k, v in out.items() if v is not None}
+        assert np.array_equal(g["k_eff"], k_eff)
+        assert np.mean(g["seg"] == seg) >= 0.99
+        assert not g["centres"][..., dp:].any()
+        np.testing.assert_allclose(g["centres"][..., :dp], centres, atol=1e-3)
+        assert np.mean(g["packed"] == codes["res_packed"]) >= 0.99
+        assert np.mean(g["t"] == codes["t"]) >= 0.95  # f16 of a float32 dot product
+        if norm_mode:
+            assert np.mean(g["norm"] == codes["norm"]) >= 0.95
+        # decode: the NumPy encoding through the kernel
+        enc = c.encode(x, stream)
+        y = c.decode(enc).reshape(-1, shape[-1])[: blocks.size // shape[-1]]
+        a = {k: cp.asarray(v) for k, v in enc.arrays.items()}
+        got = cp.zeros(y.shape, dtype=cp.float32)
+        kt_decode_blocks(
+            cp,
+            a["res_packed"],
+            a["t"],
+            a["norm"] if cfg["norm_used"] else None,
+            a.get("seg_packed"),
+            enc.meta["seg_bits"],
+            a["centres"],
+            a["basis"],
+            a["mean"],
+            cp.asarray(enc.meta["d_eff"].astype(np.int32)),
+            tabs["signs"],
+            tabs["table"],
+            got,
+        )
+        assert np.linalg.norm(cp.asnumpy(got) - y) <= 1e-5 * np.linalg.norm(y)
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_and_fallback_paths(monkeypatch):
+    # tiny chunks (several projection + kernel launches) and a block size the kernels do not
+    # take (the array path) give the same bytes and errors as one pass
+    cp = _gpu()
+    x = lowrank(2, 2048, 64, decay=5.0, seed=22)
+    for params in ({}, {"block_size": 1024}):
+        c = build_from_spec("g", {"family": "kakeyaturbo", **params}, cp)
+        ref = {s: c.encode(cp.asarray(x), s) for s in ("k", "v")}
+        monkeypatch.setattr(kt, "_chunk", lambda xp, n_items, item_bytes: max(1, n_items // 3))
+        for s, e_ref in ref.items():
+            e = c.encode(cp.asarray(x), s)
+            assert c.nbytes(e) == c.nbytes(e_ref)
+            y, y_ref = cp.asnumpy(c.decode(e)), cp.asnumpy(c.decode(e_ref))
+            assert rel_mse(x, y) == pytest.approx(rel_mse(x, y_ref), rel=0.01)
+        monkeypatch.undo()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(5, 300, 32), (1, 2000, 16), (3, 100, 48), (2, 512, 128)])
+def test_gpu_mean_gram(shape, monkeypatch):
+    # kt_block_gram through _mean_gram: per-entry and pooled (512-row runs recombined), also in
+    # chunks, against a float64 reference
+    cp = _gpu()
+    rng = np.random.default_rng(23)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=1, keepdims=True)
+    g_ref = np.einsum("pni,pnj->pij", xc, xc)
+    for chunked in (False, True):
+        if chunked:
+            monkeypatch.setattr(kt, "_chunk", lambda xp, n_items, item_bytes: min(n_items, 700))
+        mu, g = (cp.asnumpy(a) for a in kt._mean_gram(cp, cp.asarray(x)))
+        np.testing.assert_allclose(mu, x.astype(np.float64).mean(axis=1), atol=1e-5)
+        assert np.abs(g - g_ref).max() <= 1e-5 * np.abs(g_ref).max()
+
+
+@pytest.mark.gpu
+def test_gpu_d_eff_rule_matches_host():
+    from kvbench.codecs.kernels import kt_d_eff
+
+    cp = _gpu()
+    rng = np.random.default_rng(24)
+    w = np.sort(rng.standard_normal((4000, 64)).astype(np.float32) ** 3, axis=1)  # some < 0
+    w[0], w[1] = 0.0, 1e-9  # total <= EPS -> 1
+    w[2] = np.float32(0.25)  # ties on the cumulative ratio
+    for vr in (0.95, 0.5, 1.0):
+        want = kt._d_eff_from_eigvals(w[:, ::-1], vr)
+        np.testing.assert_array_equal(cp.asnumpy(kt_d_eff(cp, cp.asarray(w), vr)), want)
+
+
+def test_first_table_is_gen_range():
+    from kvbench.codecs.rng import first_gen_range
+
+    t = kt._first_table(0xCAFEBABE, 512)
+    assert t[0] == 0 and t[512] == 377 and t[4] == first_gen_range(0xCAFEBABE, 4)
+    assert kt._first_table(0xCAFEBABF, 512)[512] == 263

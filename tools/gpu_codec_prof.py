@@ -5,10 +5,10 @@
         python tools/gpu_codec_prof.py --capture .benchcap/smollm2 --codecs kakeya_v1 --once
 
 Without ``--once`` it prints, per codec, the median wall time of encode+decode on the real capture
-(full layers stacked along heads, tiled to ``--tile-gib``) and the top host functions by own time
-(cProfile): time spent blocked in device-to-host copies and syncs shows up there. With ``--once``
-under ncu, summed kernel time far below the wall time means the codec is launch/sync bound, not
-compute or bandwidth bound.
+(full layers concatenated along tokens, tiled to ``--tile-gib``) and the top host functions by own
+time (cProfile): time spent blocked in device-to-host copies and syncs shows up there. With
+``--once`` under ncu, summed kernel time far below the wall time means the codec is launch/sync
+bound, not compute or bandwidth bound.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ module of the inputs (NumPy or CuPy). An identical reconstruction gives exactly 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from kvbench.backend import array_module
+from kvbench.cpu_threads import one_blas_thread
 from kvbench.errors import KvbenchError
 
 #: Column names the compress runner writes for :func:`attention_metrics` (per layer).
@@ -42,58 +42,6 @@ ATTN_COLUMNS = ("attn_kl", "attn_top1", "attn_top8", "attn_out_rel_err", "attn_q
 _MAX_BLOCK = 1 << 22
 #: Queries per block: small blocks of sorted queries skip the keys none of them can see.
 _QUERY_CHUNK = 16
-
-
-@contextmanager
-def _one_blas_thread():
-    """Run NumPy's OpenBLAS on one thread inside the block (restored after; no-op if not found).
-
-    The metrics issue many small matmuls between element-wise steps; on a loaded machine idle
-    OpenBLAS worker threads spinning between calls cost up to 8x the CPU time (measured:
-    30 SmolLM2 layers, 18 s vs 2.3 s with a second busy process on 2 cores).
-    """
-    fns = _openblas_thread_fns()
-    if fns is None:
-        yield
-        return
-    get, set_ = fns
-    before = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
-_BLAS_FNS: list = []
-
-
-def _openblas_thread_fns():
-    if not _BLAS_FNS:
-        _BLAS_FNS.append(None)
-        try:
-            import ctypes
-            import re
-
-            maps = Path("/proc/self/maps").read_text()
-            for lib in sorted(set(re.findall(r"(/\S*openblas\S*\.so[.\d]*)", maps))):
-                dll = ctypes.CDLL(lib)
-                for prefix, suffix in (
-                    ("scipy_openblas", "64_"),
-                    ("openblas", ""),
-                    ("openblas", "64_"),
-                ):
-                    get = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
-                    set_ = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
-                    if get is not None and set_ is not None:
-                        set_.argtypes = [ctypes.c_int]
-                        _BLAS_FNS[0] = (get, set_)
-                        break
-                if _BLAS_FNS[0] is not None:
-                    break
-        except Exception:  # not Linux, no OpenBLAS, stripped symbols: leave threads alone
-            _BLAS_FNS[0] = None
-    return _BLAS_FNS[0]
 
 
 def visible_mask(xp, positions, token_start: int, n_keys: int, window: int | None):
@@ -209,7 +157,7 @@ def attention_metrics(
         hi = min(t, int(pos_host[b - 1]) - int(token_start) + 1)
         spans.append((a, b, lo, hi))
 
-    with _one_blas_thread() if xp is np else nullcontext():
+    with one_blas_thread() if xp is np else nullcontext():
         for g in range(n_kv):
             heads = slice(g * group, (g + 1) * group)
             kg, khg = k[g].astype(f32), k_hat[g].astype(f32)

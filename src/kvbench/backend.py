@@ -115,6 +115,12 @@ def array_module(x) -> ModuleType:
     return np
 
 
+def device_free_bytes(cp: ModuleType) -> int:
+    """Bytes a CuPy job can still allocate: free device memory plus its pool's cached blocks
+    (codecs size their chunks from it, so any input fits the card)."""
+    return cp.cuda.Device().mem_info[0] + cp.get_default_memory_pool().free_bytes()
+
+
 def synchronize(xp: ModuleType) -> None:
     """Wait for queued device work (no-op on NumPy), so wall-clock timings mean something."""
     if xp is not np:

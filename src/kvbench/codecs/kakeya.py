@@ -1,12 +1,14 @@
 """KV1: the Kakeya codec (PCA -> temporal direction -> spherical K-means -> sparse residual).
 
-Spec: ``specs/kakeya.md`` §1 (algorithm and bytes), §5 (bugs). The whole layer-stream is processed
-at once: every block (and, with ``pool_heads=False``, every head of every block) is one *problem*
-of ``N`` rows, and all problems are batched along a leading axis ``P``. Blocks with different
-``d_eff`` share one padded coefficient width ``d_max``: basis rows, coefficient columns, centre
-columns and ``t_dir`` entries beyond a problem's own ``d_eff`` are exactly zero, which leaves every
-dot product, norm, cosine and arg-max of that problem unchanged. K-means stops per problem (masks),
-so a block's result does not depend on the blocks batched with it.
+Spec: ``specs/kakeya.md`` §1 (algorithm and bytes), §5 (bugs). Every block (and, with
+``pool_heads=False``, every head of every block) is one *problem* of ``N`` rows; problems are
+batched along a leading axis ``P``, in chunks sized to a memory budget (:data:`CHUNK_BYTES`).
+Blocks with different ``d_eff`` share one padded coefficient width ``d_max``: basis rows,
+coefficient columns, centre columns and ``t_dir`` entries beyond a problem's own ``d_eff`` are
+exactly zero, which leaves every dot product, norm, cosine and arg-max of that problem unchanged.
+K-means stops per problem (masks), so a block's result does not depend on the blocks batched with
+it, nor on the chunking. Encoding is two passes over the chunks: the PCAs (which fix ``d_max``),
+then the codes.
 
 Layout of one layer-stream ``x: [n_kv, T, D]``:
 
@@ -45,6 +47,11 @@ Design choices:
   the working set is re-compacted as problems converge; a state that repeats exactly (the
   empty-cluster rule can make the loop cycle until ``max_iter``, e.g. for d_eff = 2 blocks) ends
   the loop for that problem with the state and iteration count that ``max_iter`` would give.
+- CuPy: the K-means loop, the per-row codes and the decoder's coefficient rows are device kernels
+  (``kernels.kv1_*``: one thread block per problem, no host sync inside the loop); the array path
+  remains for shapes they do not take (more than 32 centres, ``d_res`` 0 or above 16). The
+  kernels read rows as float4, so on that path the working coefficient width is ``d_max`` rounded
+  up to a multiple of 4 (zero columns; stored arrays keep ``d_max``).
 """
 
 from __future__ import annotations
@@ -54,14 +61,28 @@ from typing import Any
 
 import numpy as np
 
+from kvbench.backend import device_free_bytes
 from kvbench.codecs.base import Codec, Encoded, bf16_round, register
-from kvbench.codecs.kernels import JACOBI_PLANS, batched_eigh
+from kvbench.codecs.kernels import (
+    JACOBI_PLANS,
+    batched_eigh,
+    kv1_codes,
+    kv1_coeffs,
+    kv1_fused_ok,
+    kv1_kmeans,
+    kv1_row_norms,
+    kv1_sub_outer,
+)
+from kvbench.cpu_threads import map_chunks, workers
 from kvbench.errors import KvbenchError
 
 TDIR_MODES = ("legacy_noise", "first_pc", "none")
 STORES = ("f32", "packed")
 #: Row-norm threshold of the spec (valid K-means rows, legacy t_dir test) and normalize eps.
 EPS = 1e-8
+#: Working-memory budget of one chunk of problems in bytes; ``None``: 60% of the device's free
+#: memory (CuPy) or 1 GiB (NumPy). Problems are independent: the chunking never changes a result.
+CHUNK_BYTES: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,23 +130,71 @@ def n_compressed_blocks(tokens: int, block_size: int, residual_length: int) -> i
     return max((tokens - residual_length) // block_size, 0)
 
 
-def to_problems(xp: ModuleType, x, n_blocks: int, block_size: int, pool_heads: bool):
-    """``[n_kv, T, D]`` -> ``[P, N, D]`` float32 (the compressed prefix only)."""
+def chunk_ranges(xp: ModuleType, n_problems: int, per_problem: int) -> list[tuple[int, int]]:
+    """Near-equal ranges of problems whose working sets (``per_problem`` bytes each) fit the
+    chunk budget :data:`CHUNK_BYTES`."""
+    budget = CHUNK_BYTES
+    if budget is None:
+        budget = 1 << 30 if xp is np else device_free_bytes(xp) * 3 // 5
+    n = max(1, -(-n_problems * per_problem // max(budget, 1)))
+    if xp is np:  # at least one chunk per CPU thread (map_chunks runs them in parallel)
+        n = max(n, workers())
+    n = min(n, max(n_problems, 1))
+    step = -(-n_problems // n)
+    return [(s, min(s + step, n_problems)) for s in range(0, n_problems, step)]
+
+
+def block_view(x, n_blocks: int, block_size: int):
+    """``[n_kv, T, D]`` -> view ``[n_kv, n_blocks, B, D]`` of the compressed prefix."""
     n_kv, _, d = x.shape
-    body = x[:, : n_blocks * block_size, :]
-    if pool_heads:
-        body = body.reshape(n_kv, n_blocks, block_size, d).transpose(1, 0, 2, 3)
-        return xp.ascontiguousarray(body.reshape(n_blocks, n_kv * block_size, d), xp.float32)
-    return xp.ascontiguousarray(body.reshape(n_kv * n_blocks, block_size, d), xp.float32)
+    return x[:, : n_blocks * block_size].reshape(n_kv, n_blocks, block_size, d)
 
 
-def from_problems(xp: ModuleType, xp_rows, n_kv: int, n_blocks: int, block_size: int, pool_heads):
-    """Inverse of :func:`to_problems`: ``[P, N, D]`` -> ``[n_kv, n_blocks*B, D]``."""
-    d = xp_rows.shape[-1]
+def _head_pieces(n_blocks: int, p0: int, p1: int):
+    """Problems ``p0..p1`` of the per-head layout (``h * n_blocks + b``) as ``(h, b0, b1)``."""
+    for h in range(p0 // n_blocks, (p1 - 1) // n_blocks + 1):
+        yield h, max(p0 - h * n_blocks, 0), min(p1 - h * n_blocks, n_blocks)
+
+
+def problem_rows(xp: ModuleType, blocks, p0: int, p1: int, pool_heads: bool):
+    """Problems ``p0..p1`` of ``blocks [n_kv, nb, B, D]`` as ``[p1 - p0, N, D]`` float32 (a view
+    of ``blocks`` where the layout allows)."""
+    n_kv, nb, B, d = blocks.shape
     if pool_heads:
-        y = xp_rows.reshape(n_blocks, n_kv, block_size, d).transpose(1, 0, 2, 3)
-        return y.reshape(n_kv, n_blocks * block_size, d)
-    return xp_rows.reshape(n_kv, n_blocks * block_size, d)
+        rows = blocks[:, p0:p1].transpose(1, 0, 2, 3).reshape(p1 - p0, n_kv * B, d)
+    else:
+        pieces = [blocks[h, b0:b1] for h, b0, b1 in _head_pieces(nb, p0, p1)]
+        rows = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces)
+    return xp.ascontiguousarray(rows, dtype=xp.float32)
+
+
+def centred_rows(xp: ModuleType, blocks, p0: int, p1: int, pool_heads: bool, mean=None):
+    """``(Xc, mean)``: problems ``p0..p1`` minus their row mean (or the given ``mean [n, D]``).
+    CuPy reads the head-pooled layout through its strided view (no gathered copy of the rows)."""
+    if xp is np or not pool_heads:
+        X = problem_rows(xp, blocks, p0, p1, pool_heads)
+        mean = X.mean(axis=1) if mean is None else mean
+        return X - mean[:, None, :], mean
+    V = blocks[:, p0:p1].transpose(1, 0, 2, 3)  # [n, n_kv, B, D]
+    if mean is None:
+        mean = V.mean(axis=(1, 2), dtype=xp.float32)
+    Xc = xp.empty(V.shape, dtype=xp.float32)
+    xp.subtract(V, mean[:, None, None, :], out=Xc)
+    n, h, B, d = V.shape
+    return Xc.reshape(n, h * B, d), mean
+
+
+def put_problems(xp: ModuleType, blocks, p0: int, p1: int, pool_heads: bool, rows, mean):
+    """Inverse of :func:`problem_rows`: write ``rows [p1 - p0, N, D] + mean [p1 - p0, D]`` into
+    ``blocks``."""
+    n_kv, nb, B, d = blocks.shape
+    if pool_heads:
+        out = blocks[:, p0:p1].transpose(1, 0, 2, 3)
+        xp.add(rows.reshape(p1 - p0, n_kv, B, d), mean[:, None, None, :], out=out)
+        return
+    for h, b0, b1 in _head_pieces(nb, p0, p1):
+        q = h * nb + b0 - p0
+        xp.add(rows[q : q + b1 - b0], mean[q : q + b1 - b0, None, :], out=blocks[h, b0:b1])
 
 
 def fit_pca(xp: ModuleType, Xc, variance_ratio: float):
@@ -189,14 +258,19 @@ def split_temporal(xp: ModuleType, A, tdir, mode: str, round_alpha: bool):
         Pp = A.copy()
         Pp[:, :, 0] -= alpha
         return alpha, Pp
-    alpha = xp.einsum("pnd,pd->pn", A, tdir)
+    if xp is np:
+        alpha = xp.einsum("pnd,pd->pn", A, tdir)
+    else:  # CuPy's einsum here is a slow generic path; one batched GEMV and one fused kernel
+        alpha = xp.matmul(A, tdir[:, :, None])[:, :, 0]
     if round_alpha:
         alpha = bf16_round(xp, alpha)
-    return alpha, A - alpha[:, :, None] * tdir[:, None, :]
+    if xp is np:
+        return alpha, A - alpha[:, :, None] * tdir[:, None, :]
+    return alpha, kv1_sub_outer(xp, A, alpha, tdir)
 
 
 def _row_norms(xp: ModuleType, v):
-    return xp.sqrt(xp.einsum("pnd,pnd->pn", v, v))
+    return xp.sqrt(xp.einsum("pnd,pnd->pn", v, v)) if xp is np else kv1_row_norms(xp, v)
 
 
 def _host(a) -> np.ndarray:
@@ -423,18 +497,24 @@ def _kmeans_t(xp: ModuleType, UTe, valid, k_act, max_iter: int):
 def _member_sums(xp: ModuleType, se, UTe, oh, new, old, changed, kr):
     """Member sums and counts ``[W, K, d+1]`` (float64) of the assignment ``new``.
 
-    From scratch (one matmul with the one-hot) the first time, when many rows moved, or on a GPU;
-    otherwise (NumPy) ``se`` is updated with the rows that changed cluster only (+row into its new
-    cluster, -row out of its old one), gathered into a compact ``[W, M]`` slab. Float64
-    accumulation keeps the running sums equal to fresh ones far below float32 resolution.
+    From scratch (one matmul with the one-hot) the first time, on a GPU, or for the problems where
+    many rows moved; otherwise (NumPy) ``se`` is updated with the rows that changed cluster only
+    (+row into its new cluster, -row out of its old one), gathered into a compact ``[W, M]`` slab.
+    Float64 accumulation keeps the running sums equal to fresh ones far below float32 resolution.
+    The choice is made per problem, so a problem's sums do not depend on its batch (or chunk).
     """
     N = UTe.shape[2]
     if se is None or xp is not np:  # on a GPU the one matmul beats a dozen small gathers
         return xp.matmul(oh, UTe.transpose(0, 2, 1)).astype(xp.float64)
     n_changed = changed.sum(axis=1)
-    M = int(n_changed.max())
-    if 4 * M > N:
+    fresh = 4 * n_changed > N
+    if fresh.all():
         return xp.matmul(oh, UTe.transpose(0, 2, 1)).astype(xp.float64)
+    if fresh.any():
+        out = _member_sums(xp, se, UTe, oh, new, old, changed & ~fresh[:, None], kr)
+        out[fresh] = xp.matmul(oh[fresh], UTe[fresh].transpose(0, 2, 1))
+        return out
+    M = int(n_changed.max())
     W = UTe.shape[0]
     wi, ni = xp.nonzero(changed)
     pos = xp.cumsum(changed, axis=1) - 1
@@ -544,19 +624,89 @@ class Kakeya(Codec):
         }
         if nb == 0:
             return Encoded(shape=(n_kv, T, D), arrays={"tail": tail}, meta=meta)
-        X = to_problems(xp, x, nb, B, pool)
-        P, N, _ = X.shape
+        P, N = (nb, n_kv * B) if pool else (n_kv * nb, B)
         if p["min_rows"] > N:
             raise self._param_error("min_rows", f"({p['min_rows']}) exceeds the block's rows ({N})")
-        packed = p["store"] == "packed"
-        mode = p["tdir_mode"]
+        blocks = block_view(x, nb, B)
+        K = min(p["k_segments"], N)
+        # peak working bytes per problem: rows, centred rows and ~4 [N, width] coefficient arrays
+        # on the kernel path; the array path adds [N, K] cosines and argsort temporaries
+        wide = 8 if kv1_fused_ok(xp, K, min(p["d_res"], D), N, D) else 16
+        ranges = chunk_ranges(xp, P, 4 * N * (wide * D + 4 * K) + 16 * D * D)
 
-        # ---- fit: PCA (float32 rows, float64 eigh); the packed store rounds mean and basis to
-        # bf16 right away so that K-means and the codes live in the stored coefficient space
-        mean = X.mean(axis=1)
-        Xc = X - mean[:, None, :]
-        basis, d_eff = fit_pca(xp, Xc, p["variance_ratio"])
-        d_max = basis.shape[1]
+        # ---- pass 1: PCA (float32 rows, float64 eigh) of every chunk; d_max, the width of every
+        # coefficient array, needs them all. A single chunk keeps its centred rows for pass 2.
+        def fit(rng):
+            Xc, mean = centred_rows(xp, blocks, *rng, pool)
+            basis, d_eff = fit_pca(xp, Xc, p["variance_ratio"])
+            return mean, basis, d_eff, Xc if len(ranges) == 1 else None
+
+        fits = map_chunks(fit, ranges, parallel=xp is np)
+        d_eff = np.concatenate([f[2] for f in fits])
+        d_max = int(d_eff.max())
+        kk = min(p["d_res"], d_max)
+        fused = kv1_fused_ok(xp, K, kk, N, d_max)
+        width = -(-d_max // 4) * 4 if fused else d_max
+
+        # ---- pass 2: codes, chunk by chunk, into the output arrays
+        packed = p["store"] == "packed"
+        f32 = xp.float32
+        o: dict[str, Any] = {"basis": xp.empty((P, d_max, D), f32), "mean": xp.empty((P, D), f32)}
+        if p["tdir_mode"] != "none":
+            o["tdir"], o["alpha"] = xp.empty((P, d_max), f32), xp.empty((P, N), f32)
+        if kk > 0:
+            o["res_vals"] = xp.empty((P, N, kk), f32)
+            idx_dtype = (xp.uint8 if d_max <= 256 else xp.uint16) if packed else xp.int64
+            o["res_idx"] = xp.empty((P, N, kk), idx_dtype)
+        seg_dtype = (xp.uint8 if K <= 256 else xp.uint16) if packed else xp.int64
+        o["seg"], o["t"] = xp.empty((P, N), seg_dtype), xp.empty((P, N), f32)
+        k_act = np.empty(P, dtype=np.int64)
+        iters = np.empty(P, dtype=np.int64)
+
+        def code(item):  # writes rows p0..p1 of ``o``, k_act and iters only
+            (p0, p1), (mean, basis, de, Xc) = item
+            if Xc is None:
+                Xc = centred_rows(xp, blocks, p0, p1, pool, mean)[0]
+            if basis.shape[1] < width:
+                basis = xp.concatenate(
+                    [basis, xp.zeros((p1 - p0, width - basis.shape[1], D), f32)], axis=1
+                )
+            c, k_act[p0:p1], iters[p0:p1] = self._code_chunk(
+                xp, Xc, mean, basis, de, p0, K, fused, o, layer, stream
+            )
+            return c
+
+        centres = map_chunks(code, list(zip(ranges, fits, strict=True)), parallel=xp is np)
+        Kc = int(k_act.max())
+        C = xp.zeros((P, Kc, d_max), dtype=f32)
+        for (p0, p1), c in zip(ranges, centres, strict=True):
+            C[p0:p1, : c.shape[1]] = c[:, :, :d_max]
+        if packed and Kc <= 256:
+            o["seg"] = o["seg"].astype(xp.uint8, copy=False)
+        arrays: dict[str, Any] = {"tail": tail, "basis": o["basis"], "mean": o["mean"]}
+        arrays["centres"] = C
+        for key in ("tdir", "alpha", "res_vals", "res_idx", "seg", "t"):
+            if key in o:
+                arrays[key] = o[key]
+        meta.update(
+            d_eff=[int(v) for v in d_eff],
+            k_act=[int(v) for v in k_act],
+            r_prime=[int(v) for v in np.minimum(p["d_res"], d_eff)],
+            kmeans_iters=[int(v) for v in iters],
+            rows_per_problem=N,
+        )
+        return Encoded(shape=(n_kv, T, D), arrays=arrays, meta=meta)
+
+    def _code_chunk(self, xp, Xc, mean, basis, d_eff, p0, K, fused, o, layer, stream):
+        """Pass 2 of :meth:`encode` for the problems ``p0..`` (centred rows ``Xc``, ``basis`` of the
+        working width): projection, temporal split, K-means and the per-row codes, written into the
+        output arrays ``o``. Returns ``(centres [n, Kc, width], k_act, iters)``."""
+        p = self.params
+        packed, mode = p["store"] == "packed", p["tdir_mode"]
+        sl = slice(p0, p0 + Xc.shape[0])
+        d_max = o["basis"].shape[1]
+        # the packed store rounds mean and basis to bf16 right away, so that K-means and the codes
+        # live in the stored coefficient space
         if packed:
             mean_r, basis = bf16_round(xp, mean), bf16_round(xp, basis)
             # (X - mean_r) basis_r^T without another pass over X
@@ -564,7 +714,8 @@ class Kakeya(Codec):
             A = xp.matmul(Xc, basis.transpose(0, 2, 1)) + shift[:, None, :]
             mean = mean_r
         else:
-            A = xp.matmul(Xc, basis.transpose(0, 2, 1))  # [P, N, d_max]
+            A = xp.matmul(Xc, basis.transpose(0, 2, 1))  # [n, N, width]
+        o["basis"][sl], o["mean"][sl] = basis[:, :d_max], mean
         tdir = temporal_direction(xp, A, mode)
         if packed and tdir is not None:
             tdir = bf16_round(xp, tdir)
@@ -573,25 +724,8 @@ class Kakeya(Codec):
         valid = nrm > EPS
         n_valid = _host(valid.sum(axis=1)).astype(np.int64)
         runs = n_valid >= 2
-        k_act = np.where(runs, np.minimum(p["k_segments"], n_valid), 1)
-        Kc = int(k_act.max())
-        C = xp.zeros((P, Kc, d_max), dtype=xp.float32)
-        iters = np.zeros(P, dtype=np.int64)
-        if runs.any():
-            live = np.nonzero(runs)[0]
-            sel = xp.asarray(live) if len(live) < P else slice(None)
-            UTe = xp.empty((len(live), d_max + 1, N), dtype=xp.float32)
-            scale = xp.where(valid, 1.0 / xp.where(valid, nrm, 1.0), 0.0)
-            UTe[:, :d_max] = (Pp[sel] * scale[sel][:, :, None]).transpose(0, 2, 1)
-            UTe[:, d_max] = valid[sel]
-            c_run, _, it = _kmeans_t(xp, UTe, valid[sel], k_act[live], p["max_iter"])
-            C[sel, : c_run.shape[1]] = c_run
-            iters[live] = it
-        for q in np.nonzero(~runs)[0]:  # fewer than 2 valid rows: one random unit centre
-            rng = np.random.default_rng((p["seed"], layer, 0 if stream == "k" else 1, int(q)))
-            c = rng.standard_normal(int(d_eff[q]))
-            c = np.concatenate([c / np.linalg.norm(c), np.zeros(d_max - int(d_eff[q]))])
-            C[int(q), 0] = xp.asarray(c.astype(np.float32))
+        k_act = np.where(runs, np.minimum(K, n_valid), 1)
+        C, iters = self._centres(xp, Pp, nrm, valid, runs, k_act, d_eff, p0, fused, layer, stream)
 
         # ---- per-row codes against the stored skeleton; in the packed store every rounding is
         # fed forward (alpha before the perpendicular part, t before the residual)
@@ -600,47 +734,74 @@ class Kakeya(Codec):
             if tdir is not None:
                 alpha, Pp = split_temporal(xp, A, tdir, mode, round_alpha=True)
                 valid = _row_norms(xp, Pp) > EPS
-        arrays: dict[str, Any] = {"tail": tail, "basis": basis, "mean": mean, "centres": C}
         if tdir is not None:
-            arrays["tdir"], arrays["alpha"] = tdir, alpha
-        S = xp.matmul(C, Pp.transpose(0, 2, 1))  # [P, K, N]
+            o["tdir"][sl], o["alpha"][sl] = tdir[:, :d_max], alpha
+        if fused:
+            out = (o["seg"][sl], o["t"][sl], o["res_vals"][sl], o["res_idx"][sl])
+            kv1_codes(xp, Pp, valid, C, k_act, d_eff, d_max, packed, out)
+        else:
+            self._codes(xp, Pp, valid, C, k_act, d_eff, o, sl)
+        return C, k_act, iters
+
+    def _centres(self, xp, Pp, nrm, valid, runs, k_act, d_eff, p0, fused, layer, stream):
+        """Spherical K-means of the problems with >= 2 valid rows, one seeded random unit centre
+        for the others; returns ``(centres [n, Kc, width], iters)``."""
+        p = self.params
+        n, N, width = Pp.shape
+        Kc = int(k_act.max())
+        C = xp.zeros((n, Kc, width), dtype=xp.float32)
+        iters = np.zeros(n, dtype=np.int64)
+        if runs.any():
+            live = np.nonzero(runs)[0]
+            scale = xp.where(valid, 1.0 / xp.where(valid, nrm, 1.0), 0.0)
+            if fused:
+                U = Pp * scale[:, :, None]
+                C, _, iters = kv1_kmeans(xp, U, valid, live, k_act, d_eff, Kc, p["max_iter"])
+            else:
+                sel = xp.asarray(live) if len(live) < n else slice(None)
+                UTe = xp.empty((len(live), width + 1, N), dtype=xp.float32)
+                UTe[:, :width] = (Pp[sel] * scale[sel][:, :, None]).transpose(0, 2, 1)
+                UTe[:, width] = valid[sel]
+                c_run, _, it = _kmeans_t(xp, UTe, valid[sel], k_act[live], p["max_iter"])
+                C[sel, : c_run.shape[1]] = c_run
+                iters[live] = it
+        for q in np.nonzero(~runs)[0]:  # fewer than 2 valid rows: one random unit centre
+            rng = np.random.default_rng((p["seed"], layer, 0 if stream == "k" else 1, p0 + int(q)))
+            c = rng.standard_normal(int(d_eff[q]))
+            c = np.concatenate([c / np.linalg.norm(c), np.zeros(width - int(d_eff[q]))])
+            C[int(q), 0] = xp.asarray(c.astype(np.float32))
+        return C, iters
+
+    def _codes(self, xp, Pp, valid, C, k_act, d_eff, o, sl) -> None:
+        """Per-row codes with array ops (NumPy, and CuPy where the kernels do not apply)."""
+        p = self.params
+        Kc = C.shape[1]
+        S = xp.matmul(C, Pp.transpose(0, 2, 1))  # [n, K, N]
         if (k_act < Kc).any():
             cmask = xp.asarray(np.arange(Kc)[None, :] < k_act[:, None])
             S = xp.where(cmask[:, :, None], S, -xp.inf)
         seg = xp.where(valid, _argmax_k(xp, S, valid)[0], 0)
         t = xp.take_along_axis(S, seg[:, None, :], axis=1)[:, 0, :]
-        if packed:
+        if p["store"] == "packed":
             t = bf16_round(xp, t)
+        o["seg"][sl], o["t"][sl] = seg, t
+        if "res_vals" not in o:
+            return
         r = Pp - t[:, :, None] * _gather_rows(xp, C, seg)
-        kk = min(p["d_res"], d_max)
-        r_prime = np.minimum(p["d_res"], d_eff)
-        if kk > 0:
-            if kk == d_max:
-                ridx = xp.broadcast_to(xp.arange(d_max), r.shape)
-            else:
-                mag = xp.abs(r)
-                if (d_eff < d_max).any():  # padded columns (exact zeros) must never be chosen
-                    colmask = xp.asarray(np.arange(d_max)[None, :] < d_eff[:, None])
-                    mag = xp.where(colmask[:, None, :], mag, -1.0)
-                part = xp.argpartition(mag, d_max - kk, axis=2)[:, :, d_max - kk :]
-                ridx = xp.sort(part, axis=2)
-            vals = xp.take_along_axis(r, ridx, axis=2)
-            if packed:
-                vals = bf16_round(xp, vals)
-            idx_dtype = (xp.uint8 if d_max <= 256 else xp.uint16) if packed else xp.int64
-            arrays["res_vals"] = xp.ascontiguousarray(vals)
-            arrays["res_idx"] = xp.ascontiguousarray(ridx.astype(idx_dtype))
-        seg_dtype = (xp.uint8 if Kc <= 256 else xp.uint16) if packed else xp.int64
-        arrays["seg"] = seg.astype(seg_dtype)
-        arrays["t"] = t
-        meta.update(
-            d_eff=[int(v) for v in d_eff],
-            k_act=[int(v) for v in k_act],
-            r_prime=[int(v) for v in r_prime],
-            kmeans_iters=[int(v) for v in iters],
-            rows_per_problem=N,
-        )
-        return Encoded(shape=(n_kv, T, D), arrays=arrays, meta=meta)
+        d_max = Pp.shape[2]
+        kk = o["res_vals"].shape[2]
+        if kk == d_max:
+            ridx = xp.broadcast_to(xp.arange(d_max), r.shape)
+        else:
+            mag = xp.abs(r)
+            if (d_eff < d_max).any():  # padded columns (exact zeros) must never be chosen
+                colmask = xp.asarray(np.arange(d_max)[None, :] < d_eff[:, None])
+                mag = xp.where(colmask[:, None, :], mag, -1.0)
+            part = xp.argpartition(mag, d_max - kk, axis=2)[:, :, d_max - kk :]
+            ridx = xp.sort(part, axis=2)
+        vals = xp.take_along_axis(r, ridx, axis=2)
+        o["res_vals"][sl] = bf16_round(xp, vals) if p["store"] == "packed" else vals
+        o["res_idx"][sl] = ridx
 
     def decode(self, enc: Encoded):
         xp = self.xp
@@ -649,22 +810,44 @@ class Kakeya(Codec):
         nb = m["n_blocks"]
         if nb == 0:
             return a["tail"]
-        basis, C = a["basis"], a["centres"]
-        P, d_max, _ = basis.shape
-        seg = a["seg"].astype(xp.int64)
-        N = seg.shape[1]
-        Ahat = xp.zeros((P, N, d_max), dtype=xp.float32)
-        if "res_idx" in a:
-            kk = a["res_idx"].shape[2]
-            rows = xp.arange(P * N, dtype=xp.int64)[:, None] * d_max
-            flat = (rows + a["res_idx"].reshape(P * N, kk).astype(xp.int64)).reshape(-1)
-            Ahat.reshape(-1)[flat] = a["res_vals"].reshape(-1)
-        Ahat += a["t"][:, :, None] * _gather_rows(xp, C, seg)
-        if "tdir" in a:
-            Ahat += a["alpha"][:, :, None] * a["tdir"][:, None, :]
-        rows = xp.matmul(Ahat, basis) + a["mean"][:, None, :]
-        body = from_problems(xp, rows, n_kv, nb, self.params["block_size"], m["pool_heads"])
-        return xp.concatenate([body, a["tail"]], axis=1)
+        B = self.params["block_size"]
+        P, d_max, _ = a["basis"].shape
+        N = a["seg"].shape[1]
+        out = xp.empty((n_kv, T, D), dtype=xp.float32)
+        out[:, nb * B :] = a["tail"]
+        blocks = block_view(out, nb, B)
+
+        def put(rng):  # writes the blocks of problems p0..p1 only
+            p0, p1 = rng
+            rows = xp.matmul(self._coeffs(xp, a, p0, p1), a["basis"][p0:p1])
+            put_problems(xp, blocks, p0, p1, m["pool_heads"], rows, a["mean"][p0:p1])
+
+        map_chunks(put, chunk_ranges(xp, P, 16 * N * (d_max + D)), parallel=xp is np)
+        return out
+
+    def _coeffs(self, xp, a, p0: int, p1: int):
+        """Coefficient rows ``[p1 - p0, N, d_max]`` of problems ``p0..p1``: the scattered residual
+        + t c_seg (+ alpha t_dir)."""
+        sl = slice(p0, p1)
+        vals = a["res_vals"][sl] if "res_vals" in a else None
+        idx = a["res_idx"][sl] if "res_idx" in a else None
+        alpha, tdir = (a["alpha"][sl], a["tdir"][sl]) if "tdir" in a else (None, None)
+        C = a["centres"][sl]
+        if xp is not np:
+            return kv1_coeffs(xp, a["seg"][sl], a["t"][sl], C, vals, idx, alpha, tdir)
+        seg = a["seg"][sl].astype(np.int64)
+        n, N = seg.shape
+        d_max = a["basis"].shape[1]
+        Ahat = np.zeros((n, N, d_max), dtype=np.float32)
+        if vals is not None:
+            kk = idx.shape[2]
+            rows = np.arange(n * N, dtype=np.int64)[:, None] * d_max
+            flat = (rows + idx.reshape(n * N, kk).astype(np.int64)).reshape(-1)
+            Ahat.reshape(-1)[flat] = vals.reshape(-1)
+        Ahat += a["t"][sl][:, :, None] * _gather_rows(np, C, seg)
+        if tdir is not None:
+            Ahat += alpha[:, :, None] * tdir[:, None, :]
+        return Ahat
 
     # ------------------------------------------------------------------------------------------
 

@@ -23,6 +23,13 @@ Pipeline per block of ``block_size`` consecutive rows of the head-major ``[n_kv*
 4. Decode (2.7): ``u = sigma * H(v * inv) / wht_len``;
    ``x_hat = mean + (t*centre_s + u[:d_eff]) @ basis``.
 
+On CuPy the hot loops are kernels (``kernels.kt_*``): per-block mean + covariance (D <= 128),
+the d_eff rule, K-means to convergence + residual code + packing (one launch, no host sync per
+iteration) and the whole decode; two host syncs per encode (d_eff, K_eff), none per decode, and
+chunks sized from free device memory bound every temporary. Shapes the kernels do not take
+(d_pad > 64, k > 32, blocks > 512 rows; for decode D other than 16 or a multiple of 32) use the
+array path below.
+
 Variable ``d_eff`` across blocks is batched by zero-padding the coefficient space to the largest
 ``d_eff`` (basis rows beyond a block's ``d_eff`` are zero) and running one WHT of length
 ``next_pow2(max d_eff)``: the top-left ``n x n`` block of ``H_N`` is ``H_n`` and the sign pattern
@@ -59,18 +66,30 @@ the ``2*tail*D`` per layer that should have been ``4*tail*D``).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from kvbench.backend import to_numpy
+from kvbench.backend import device_free_bytes, to_numpy
 from kvbench.codecs.base import Codec, Encoded, bf16_round, register
-from kvbench.codecs.kernels import batched_eigh
+from kvbench.codecs.kernels import (
+    batched_eigh,
+    kt_block_gram,
+    kt_d_eff,
+    kt_decode_blocks,
+    kt_decode_ok,
+    kt_encode_blocks,
+    kt_encode_ok,
+    kt_gram_ok,
+    kt_pad,
+)
 from kvbench.codecs.rng import first_gen_range, sign_pattern
 from kvbench.codecs.wht import (
     KT_LLOYD_MAX,
     next_pow2,
+    next_pow2_array,
     pack_bits,
     packed_nbytes,
     quantize_nearest,
@@ -125,22 +144,25 @@ def kt_legacy_stream_bytes(
     ``rows_per_block``: an int (every block) or one count per block. ``tail`` is the driver's
     per-stream share of ``2*tail_rows*D`` per layer.
     """
-    k_effs = [int(k) for k in k_effs]
-    n_blocks = len(k_effs)
-    rows = (
-        [int(rows_per_block)] * n_blocks
-        if np.ndim(rows_per_block) == 0
-        else [int(r) for r in rows_per_block]
-    )
+    k_effs = np.asarray(k_effs, dtype=np.int64).reshape(-1)
+    n_blocks = k_effs.size
+    rows = np.asarray(rows_per_block, dtype=np.int64).reshape(-1)
+    if np.ndim(rows_per_block) == 0:
+        rows = np.repeat(rows, n_blocks)
     s = int(skeleton_bytes)
     if shared_d_eff is not None:
-        de = [int(shared_d_eff)] * n_blocks
-        skel = s * (dim + de[0] * dim) if n_blocks else 0
-        skel += sum(s * k * d for k, d in zip(k_effs, de, strict=True))
+        de = np.full(n_blocks, int(shared_d_eff), dtype=np.int64)
+        skel = s * (dim + int(shared_d_eff) * dim) if n_blocks else 0
+        skel += int((s * k_effs * de).sum())
     else:
-        de = [int(d) for d in d_effs]
-        skel = sum(s * (dim + d * dim + k * d) for k, d in zip(k_effs, de, strict=True))
-    codes = sum(r * kt_code_nbytes(d, bit_width) for r, d in zip(rows, de, strict=True))
+        de = np.asarray(d_effs, dtype=np.int64).reshape(-1)
+        if de.size != n_blocks:
+            raise ValueError(f"{de.size} d_eff values for {n_blocks} blocks")
+        skel = int((s * (dim + de * dim + k_effs * de)).sum())
+    if rows.size != n_blocks:
+        raise ValueError(f"{rows.size} row counts for {n_blocks} blocks")
+    per_row = 4 + 6 + (next_pow2_array(de) * int(bit_width) + 7) // 8  # kt_code_nbytes
+    codes = int((rows * per_row).sum())
     tail = int(tail_rows) * dim
     return {"skeleton": skel, "codes": codes, "tail": tail, "total": skel + codes + tail}
 
@@ -212,18 +234,79 @@ def _d_eff_from_eigvals(lam: np.ndarray, variance_ratio: float) -> np.ndarray:
     return np.clip(d_eff, 1, d).astype(np.int64)
 
 
-def _cov_eigh(xp: ModuleType, xc):
-    """Covariance ``xc^T xc / n`` of centred ``xc: [P, n, D]`` and its eigenpairs (ascending).
+def _chunk(xp: ModuleType, n_items: int, item_bytes: int) -> int:
+    """Items per pass so that one pass's temporaries stay within 1/8 of the free device memory
+    (CuPy; NumPy does everything in one pass). Any input size then fits the device."""
+    if xp is np:
+        return max(1, n_items)
+    return int(max(1, min(n_items, device_free_bytes(xp) // 8 // max(1, item_bytes))))
+
+
+def _mean_gram(xp: ModuleType, x):
+    """Row mean ``[P, D]`` and centred Gram matrix ``(x - mean)^T (x - mean)`` ``[P, D, D]`` of
+    every batch entry of ``x: [P, n, D]`` on CuPy, in chunks that fit the device.
+
+    Through ``kernels.kt_block_gram`` (one pass per 512-row run, no centred copy) where ``D``
+    allows, array ops otherwise. One pooled entry (``P = 1``, V streams) is cut into 512-row runs
+    whose means and Gram matrices are combined exactly (parallel-axis theorem); a plain
+    ``mean(axis=1)`` over millions of rows is a slow CuPy reduction (0.39 s for 17M x 64).
+    """
+    p, n, d = x.shape
+    if p > 1:
+        mu = xp.empty((p, d), dtype=xp.float32)
+        gram = xp.empty((p, d, d), dtype=xp.float32)
+        step = _chunk(xp, p, 4 * n * d)
+        for s in range(0, p, step):
+            xs = x[s : s + step]
+            if kt_gram_ok(xp, d):
+                mu[s : s + step], gram[s : s + step] = kt_block_gram(xp, xs.reshape(-1, d), n)
+            else:
+                mu[s : s + step] = xs.mean(axis=1)
+                xc = xs - mu[s : s + step, None, :]
+                gram[s : s + step] = xp.matmul(xc.transpose(0, 2, 1), xc)
+        return mu, gram
+    rows = x[0]
+    if not kt_gram_ok(xp, d):
+        mu = xp.matmul(xp.ones((1, n), dtype=xp.float32), rows) / xp.float32(n)
+        gram = xp.zeros((d, d), dtype=xp.float32)
+        step = _chunk(xp, n, 4 * d)
+        for s in range(0, n, step):
+            xc = rows[s : s + step] - mu
+            gram += xp.matmul(xc.T, xc)
+        return mu, gram[None]
+    run = 512
+    step = run * max(1, _chunk(xp, n, 4 * d) // run)
+    means, gram = [], xp.zeros((1, d * d), dtype=xp.float32)
+    for s in range(0, n, step):
+        m, g = kt_block_gram(xp, rows[s : s + step], run)
+        means.append(m)
+        gram += xp.matmul(xp.ones((1, g.shape[0]), dtype=xp.float32), g.reshape(-1, d * d))
+    means = xp.concatenate(means)
+    cnt = xp.asarray(np.minimum(run, n - run * np.arange(means.shape[0])).astype(np.float32))
+    mu = xp.matmul(cnt[None], means) / xp.float32(n)
+    dev = means - mu
+    gram = gram.reshape(d, d) + xp.matmul((dev * cnt[:, None]).T, dev)
+    return mu, gram[None]
+
+
+def _mean_cov_eigh(xp: ModuleType, x):
+    """Row mean ``[P, D]`` of ``x: [P, n, D]`` and the eigenpairs (ascending) of its covariance
+    ``(x - mean)^T (x - mean) / n``.
 
     On numpy both steps run in torch (CPU, MKL) on ONE thread when torch is importable: its
     batched ``eigh`` is 2-4x faster than numpy's, and single-threaded LAPACK is stable on busy
     machines (measured on 2 shared cores: 0.05 s for 16 x 256^2 on one thread, 0.07-12 s on two
     threads or through numpy/OpenBLAS, which spin against other processes). The input is copied
     into torch-allocated (64-byte aligned) memory so results do not depend on numpy's buffer
-    alignment (MKL's kernels may).
+    alignment (MKL's kernels may). On CuPy mean and Gram matrix come from :func:`_mean_gram`.
     """
-    n = xc.shape[1]
-    if xp is np:
+    n = x.shape[1]
+    if xp is not np:
+        mu, gram = _mean_gram(xp, x)
+        cov = gram / xp.float32(n)
+    else:
+        mu = x.mean(axis=1)
+        xc = x - mu[:, None, :]
         try:
             import torch
         except ImportError:  # pragma: no cover - torch is a project dependency
@@ -236,13 +319,13 @@ def _cov_eigh(xp: ModuleType, xc):
                 cov = torch.matmul(t.transpose(1, 2), t) / n
                 cov = (cov + cov.transpose(1, 2)) * 0.5
                 lam, vec = torch.linalg.eigh(cov)
-                return lam.numpy(), vec.numpy()
+                return mu, lam.numpy(), vec.numpy()
             finally:
                 torch.set_num_threads(n_threads)
-    cov = xp.matmul(xc.transpose(0, 2, 1), xc) / xp.float32(n)
+        cov = xp.matmul(xc.transpose(0, 2, 1), xc) / xp.float32(n)
     cov = (cov + cov.transpose(0, 2, 1)) * xp.float32(0.5)
     # CuPy: the batched Jacobi kernel for D in JACOBI_PLANS (64/128/256), cupy.linalg.eigh else
-    return batched_eigh(xp, cov)
+    return (mu, *batched_eigh(xp, cov))
 
 
 def fit_pca(
@@ -258,21 +341,21 @@ def fit_pca(
     """
     x = xp.asarray(x, dtype=xp.float32)
     p, n, d = x.shape
-    mu = x.mean(axis=1)  # [P, D]
-    lam, vec = _cov_eigh(xp, x - mu[:, None, :])  # ascending
-    lam = lam[:, ::-1]
-    vec = vec[:, :, ::-1]  # columns = eigenvectors, descending
-    # canonical sign: the largest-|.| component of every eigenvector is positive
-    idx = xp.argmax(xp.abs(vec), axis=1)  # [P, D]
-    pick = xp.take_along_axis(vec, idx[:, None, :], axis=1)  # [P, 1, D]
-    vec = vec * xp.where(pick < 0, xp.float32(-1), xp.float32(1))
-    lam_host = to_numpy(lam)
-    if d_eff_override is None:
-        d_eff = _d_eff_from_eigvals(lam_host, variance_ratio)
-    else:
+    mu, lam, vec = _mean_cov_eigh(xp, x)  # ascending; columns of vec = eigenvectors
+    if d_eff_override is not None:
         d_eff = np.clip(np.asarray(d_eff_override, dtype=np.int64).reshape(p), 1, d)
+    elif xp is np:
+        d_eff = _d_eff_from_eigvals(lam[:, ::-1], variance_ratio)
+    else:  # the same rule on the device: P ints to the host instead of P x D eigenvalues
+        d_eff = to_numpy(kt_d_eff(xp, lam, variance_ratio)).astype(np.int64)
+    lam = lam[:, ::-1]
     dp = int(d_eff.max())
-    basis = vec[:, :, :dp].transpose(0, 2, 1)  # [P, Dp, D]
+    # the leading Dp eigenvectors as rows (descending): [P, Dp, D]
+    basis = xp.ascontiguousarray(vec[:, :, ::-1][:, :, :dp].transpose(0, 2, 1))
+    # canonical sign: the largest-|.| component of every eigenvector is positive
+    idx = xp.argmax(xp.abs(basis), axis=2)  # [P, Dp]
+    pick = xp.take_along_axis(basis, idx[:, :, None], axis=2)  # [P, Dp, 1]
+    basis = basis * xp.where(pick < 0, xp.float32(-1), xp.float32(1))
     keep = xp.asarray(np.arange(dp)[None, :] < d_eff[:, None])  # [P, Dp]
     basis = xp.where(keep[:, :, None], basis, xp.float32(0))
     return PcaFit(
@@ -291,6 +374,33 @@ def pca_project(xp: ModuleType, x, fit: PcaFit):
 def pca_unproject(xp: ModuleType, c, fit: PcaFit):
     """``mean + c @ basis`` for ``c: [P, n, Dp]`` -> ``[P, n, D]``."""
     return fit.mean[:, None, :] + xp.matmul(c, fit.basis)
+
+
+@lru_cache(maxsize=64)
+def _first_table(seed: int, n: int) -> np.ndarray:
+    """``SmallRng(seed).gen_range(0..v)`` for every ``v`` in ``0..n`` (0 for ``v = 0``): the valid
+    row that seeds centre 0 of a block with ``v`` valid rows, as one lookup for all blocks."""
+    table = np.array([0] + [first_gen_range(seed, v) for v in range(1, n + 1)], dtype=np.int64)
+    table.flags.writeable = False
+    return table
+
+
+_KT_TABLES: dict[tuple, dict] = {}
+
+
+def _kt_tables(xp: ModuleType, seed: int, rows: int, n_pad: int, bits: int) -> dict:
+    """Device copies (cached) of what the kakeyaturbo kernels look up: the first-centre table,
+    the sign pattern, the quantiser midpoints and the Lloyd-Max centroids."""
+    key = (xp.cuda.Device().id, seed, rows, n_pad, bits)
+    if key not in _KT_TABLES:
+        c = np.asarray(KT_LLOYD_MAX[bits], dtype=np.float64)
+        _KT_TABLES[key] = {
+            "first": xp.asarray(_first_table(seed, rows).astype(np.int32)),
+            "signs": xp.asarray(np.asarray(sign_pattern(seed, n_pad), dtype=np.float32)),
+            "mids": xp.asarray(((c[1:] + c[:-1]) / 2).astype(np.float32)),  # quantize_nearest's
+            "table": xp.asarray(c.astype(np.float32)),
+        }
+    return _KT_TABLES[key]
 
 
 def fit_spherical_kmeans(
@@ -313,14 +423,8 @@ def fit_spherical_kmeans(
     n_any = to_numpy((xp.abs(c) > xp.float32(EPS)).any(axis=-1).sum(axis=1)).astype(np.int64)
     k_eff = np.minimum(k, np.maximum(n_any, 1)).astype(np.int64)
 
-    # first centre: the gen_range(0..n_valid)-th valid row (host RNG, cached per n_valid)
-    cache: dict[int, int] = {}
-    first = np.zeros(b, dtype=np.int64)
-    for i, nv in enumerate(n_valid):
-        nv = int(nv)
-        if nv not in cache:
-            cache[nv] = first_gen_range(seed, nv) if nv > 0 else 0
-        first[i] = cache[nv]
+    # first centre: the gen_range(0..n_valid)-th valid row
+    first = _first_table(seed, n)[n_valid]
     rank = xp.cumsum(valid.astype(xp.int64), axis=1)  # 1-based rank of each valid row
     first_row = xp.argmax(valid & (rank == xp.asarray(first)[:, None] + 1), axis=1)
     bidx = xp.arange(b)
@@ -529,57 +633,18 @@ class KakeyaTurbo(Codec):
         sd = p["skeleton_dtype"]
         if cfg["shared"]:
             fit = fit_pca(xp, flat[:n_enc][None], p["variance_ratio"], sd)
-            coeffs = pca_project(xp, blocks.reshape(1, n_enc, d), fit).reshape(n_full, bs, -1)
             d_eff = np.repeat(fit.d_eff, n_full)
         else:
             fit = fit_pca(xp, blocks, p["variance_ratio"], sd)
-            coeffs = pca_project(xp, blocks, fit)
             d_eff = fit.d_eff
         dp = fit.d_pad
-
-        centres, k_eff = fit_spherical_kmeans(xp, coeffs, p["k"], cfg["seed"], p["kmeans_max_iter"])
-        centres_r = _round_store(xp, centres, sd)
-
-        # assign_and_project with the stored (rounded) centres
-        proj = xp.matmul(coeffs, centres_r.transpose(0, 2, 1))  # [B, bs, K]
-        cmask = xp.asarray(np.arange(p["k"])[None, :] < k_eff[:, None])
-        seg = xp.argmax(xp.where(cmask[:, None, :], xp.abs(proj), xp.float32(-np.inf)), axis=-1)
-        t = xp.take_along_axis(proj, seg[..., None], axis=-1)[..., 0]
-        small = (coeffs * coeffs).sum(axis=-1) <= xp.float32(EPS)
-        seg = xp.where(small, 0, seg)
-        t = xp.where(small, xp.float32(0), t)
-        cen_rows = xp.take_along_axis(centres_r, seg[..., None], axis=1)  # [B, bs, Dp]
-        res = coeffs - t[..., None] * cen_rows
-        all_small = (xp.abs(coeffs) <= xp.float32(EPS)).all(axis=-1)
-        res = xp.where(all_small[..., None], xp.float32(0), res)
-
-        # residual coding
-        wht = np.array([next_pow2(v) for v in d_eff], dtype=np.int64)  # per block
+        wht = next_pow2_array(d_eff)  # per block
         n_pad = next_pow2(dp)
-        m = signed_hadamard(xp, sign_pattern(cfg["seed"], n_pad), n_rows=dp)  # [Dp, N]
-        rot = xp.matmul(res, m)  # [B, bs, N]
-        res_norm = xp.sqrt((res * res).sum(axis=-1))
-        ok = res_norm > xp.float32(EPS)
-        safe = xp.where(ok, res_norm, xp.float32(1))
-        if p["wht_scale"] == "legacy_sqrtN":
-            num = xp.asarray(np.sqrt(wht.astype(np.float32)))[:, None]
+        if kt_encode_ok(xp, dp, p["k"], bs, p["bit_width"]):
+            codes, seg, centres_r, k_eff = self._code_blocks_fused(blocks, fit, d_eff, cfg)
         else:
-            num = xp.float32(1)
-        scale = xp.where(ok, num / safe, xp.float32(1)).astype(xp.float32)
-        z = rot * scale[..., None]
-        q = quantize_nearest(xp, z, KT_LLOYD_MAX[p["bit_width"]])
-        coord_ok = xp.asarray(np.arange(n_pad)[None, :] < wht[:, None])  # [B, N]
-        q = xp.where(coord_ok[:, None, :], q, xp.uint8(0))
-        arrays["res_packed"] = pack_bits(xp, q, p["bit_width"])  # [B, bs, ceil(N*b/8)]
-        arrays["t"] = t.astype(xp.float16)
-        if cfg["norm_used"]:
-            inv = xp.float32(1) / xp.maximum(scale, xp.float32(EPS))
-            if p["wht_scale"] == "fixed":
-                # Rust stores 1/scale = 1 for a zero residual, which decodes to a spurious
-                # residual of norm ~0.25 (its all-zero z maps to the centroid next to 0);
-                # the corrected codec stores 0 there.
-                inv = xp.where(ok, inv, xp.float32(0))
-            arrays["norm"] = inv.astype(xp.float16)
+            codes, seg, centres_r, k_eff = self._code_blocks(blocks, fit, wht, cfg)
+        arrays.update(codes)
 
         seg_bits = int(k_eff.max() - 1).bit_length()
         if seg_bits:
@@ -600,6 +665,112 @@ class KakeyaTurbo(Codec):
             seg_bits=seg_bits,
         )
         return Encoded(shape=(n_kv, t_len, d), arrays=arrays, meta=meta)
+
+    def _code_blocks(self, blocks, fit: PcaFit, wht: np.ndarray, cfg: dict):
+        """Projection, K-means and residual code of every block ``[B, bs, D]`` as array ops
+        (NumPy, and CuPy shapes the kernels do not take). Returns ``(codes, seg [B, bs], rounded
+        centres [B, K, Dp], host k_eff)``; ``codes``: ``res_packed``, ``t`` (and ``norm``)."""
+        xp = self.xp
+        p = self.params
+        n_full, bs, d = blocks.shape
+        if cfg["shared"]:
+            coeffs = pca_project(xp, blocks.reshape(1, n_full * bs, d), fit).reshape(n_full, bs, -1)
+        else:
+            coeffs = pca_project(xp, blocks, fit)
+        dp = fit.d_pad
+
+        centres, k_eff = fit_spherical_kmeans(xp, coeffs, p["k"], cfg["seed"], p["kmeans_max_iter"])
+        centres_r = _round_store(xp, centres, p["skeleton_dtype"])
+
+        # assign_and_project with the stored (rounded) centres
+        proj = xp.matmul(coeffs, centres_r.transpose(0, 2, 1))  # [B, bs, K]
+        cmask = xp.asarray(np.arange(p["k"])[None, :] < k_eff[:, None])
+        seg = xp.argmax(xp.where(cmask[:, None, :], xp.abs(proj), xp.float32(-np.inf)), axis=-1)
+        t = xp.take_along_axis(proj, seg[..., None], axis=-1)[..., 0]
+        small = (coeffs * coeffs).sum(axis=-1) <= xp.float32(EPS)
+        seg = xp.where(small, 0, seg)
+        t = xp.where(small, xp.float32(0), t)
+        cen_rows = xp.take_along_axis(centres_r, seg[..., None], axis=1)  # [B, bs, Dp]
+        res = coeffs - t[..., None] * cen_rows
+        all_small = (xp.abs(coeffs) <= xp.float32(EPS)).all(axis=-1)
+        res = xp.where(all_small[..., None], xp.float32(0), res)
+
+        # residual coding
+        n_pad = next_pow2(dp)
+        m = signed_hadamard(xp, sign_pattern(cfg["seed"], n_pad), n_rows=dp)  # [Dp, N]
+        rot = xp.matmul(res, m)  # [B, bs, N]
+        res_norm = xp.sqrt((res * res).sum(axis=-1))
+        ok = res_norm > xp.float32(EPS)
+        safe = xp.where(ok, res_norm, xp.float32(1))
+        if p["wht_scale"] == "legacy_sqrtN":
+            num = xp.asarray(np.sqrt(wht.astype(np.float32)))[:, None]
+        else:
+            num = xp.float32(1)
+        scale = xp.where(ok, num / safe, xp.float32(1)).astype(xp.float32)
+        z = rot * scale[..., None]
+        q = quantize_nearest(xp, z, KT_LLOYD_MAX[p["bit_width"]])
+        coord_ok = xp.asarray(np.arange(n_pad)[None, :] < wht[:, None])  # [B, N]
+        q = xp.where(coord_ok[:, None, :], q, xp.uint8(0))
+        codes = {"res_packed": pack_bits(xp, q, p["bit_width"])}  # [B, bs, ceil(N*b/8)]
+        codes["t"] = t.astype(xp.float16)
+        if cfg["norm_used"]:
+            inv = xp.float32(1) / xp.maximum(scale, xp.float32(EPS))
+            if p["wht_scale"] == "fixed":
+                # Rust stores 1/scale = 1 for a zero residual, which decodes to a spurious
+                # residual of norm ~0.25 (its all-zero z maps to the centroid next to 0);
+                # the corrected codec stores 0 there.
+                inv = xp.where(ok, inv, xp.float32(0))
+            codes["norm"] = inv.astype(xp.float16)
+        return codes, seg, centres_r, k_eff
+
+    def _code_blocks_fused(self, blocks, fit: PcaFit, d_eff: np.ndarray, cfg: dict):
+        """:meth:`_code_blocks` on CuPy: per chunk of blocks one projection GEMM and one
+        ``kt_encode_blocks`` launch (K-means to convergence, residual code, packing); one host
+        sync, for ``K_eff``. Chunks bound the temporaries (any input size fits the device)."""
+        xp = self.xp
+        p = self.params
+        n_full, bs, d = blocks.shape
+        dp = fit.d_pad
+        dp4 = kt_pad(dp)
+        tabs = _kt_tables(xp, cfg["seed"], bs, next_pow2(dp), p["bit_width"])
+        bt = xp.zeros((fit.basis.shape[0], d, dp4), dtype=xp.float32)  # zero columns >= d_pad
+        bt[:, :, :dp] = fit.basis.transpose(0, 2, 1)
+        d_eff_dev = xp.asarray(d_eff.astype(np.int32))
+        norm_mode = (2 if p["wht_scale"] == "fixed" else 1) if cfg["norm_used"] else 0
+        parts = []
+        step = _chunk(xp, n_full, 4 * bs * (2 * d + dp4))
+        for s in range(0, n_full, step):
+            blk = blocks[s : s + step]
+            if cfg["shared"]:
+                coef = xp.matmul((blk - fit.mean[0]).reshape(-1, d), bt[0]).reshape(-1, bs, dp4)
+            else:
+                coef = xp.matmul(blk - fit.mean[s : s + step, None, :], bt[s : s + step])
+            parts.append(
+                kt_encode_blocks(
+                    xp,
+                    coef,
+                    tabs["first"],
+                    d_eff_dev[s : s + step],
+                    tabs["signs"],
+                    tabs["mids"],
+                    k=p["k"],
+                    bits=p["bit_width"],
+                    max_iter=p["kmeans_max_iter"],
+                    round16=p["skeleton_dtype"] == "f16",
+                    legacy_scale=p["wht_scale"] == "legacy_sqrtN",
+                    norm_mode=norm_mode,
+                )
+            )
+        out = {
+            key: parts[0][key] if len(parts) == 1 else xp.concatenate([q[key] for q in parts])
+            for key, v in parts[0].items()
+            if v is not None
+        }
+        codes = {"res_packed": out["packed"], "t": out["t"]}
+        if norm_mode:
+            codes["norm"] = out["norm"]
+        k_eff = to_numpy(out["k_eff"]).astype(np.int64)
+        return codes, out["seg"], xp.ascontiguousarray(out["centres"][:, :, :dp]), k_eff
 
     # -- decode ----------------------------------------------------------------------------
     def decode_coefficients(self, enc: Encoded):
@@ -648,6 +819,29 @@ class KakeyaTurbo(Codec):
             return tail.reshape(n_kv, t_len, d)
         bs = meta["block_size"]
         dp = meta["d_pad"]
+        a = enc.arrays
+        if kt_decode_ok(xp, dp, int(a["centres"].shape[1]), d, meta["bit_width"]):
+            # one kernel: unpack, centroids, FWHT, t * centre and unprojection, into the output
+            out = xp.empty((n_kv * t_len, d), dtype=xp.float32)
+            n_enc = n_full * bs
+            tabs = _kt_tables(xp, meta["seed"], bs, meta["wht_pad"], meta["bit_width"])
+            kt_decode_blocks(
+                xp,
+                a["res_packed"],
+                a["t"],
+                a["norm"] if meta["norm_used"] else None,
+                a.get("seg_packed"),
+                meta["seg_bits"],
+                a["centres"],
+                a["basis"],
+                a["mean"],
+                xp.asarray(np.asarray(meta["d_eff"], dtype=np.int32)),
+                tabs["signs"],
+                tabs["table"],
+                out[:n_enc],
+            )
+            out[n_enc:] = tail
+            return out.reshape(n_kv, t_len, d)
         c_hat, _ = self.decode_coefficients(enc)
         mean = enc.arrays["mean"].astype(xp.float32)
         basis = enc.arrays["basis"].astype(xp.float32)
@@ -667,14 +861,13 @@ class KakeyaTurbo(Codec):
             return {"skeleton": 0, "codes": 0, "norms": 0, "tail": tail}
         s = SKELETON_DTYPES[meta["skeleton_dtype"]]
         bs = meta["block_size"]
-        d_eff = meta["d_eff"]
-        k_eff = meta["k_eff"]
-        pca_d = meta["pca_d_eff"]
-        skeleton = int(sum(s * (d + int(de) * d) + 2 for de in pca_d))
-        skeleton += int(sum(s * int(k) * int(de) + 1 for k, de in zip(k_eff, d_eff, strict=True)))
-        codes = int(
-            sum(bs * (packed_nbytes(int(w), meta["bit_width"]) + 2) for w in meta["wht_len"])
-        )
+        d_eff = np.asarray(meta["d_eff"], dtype=np.int64)
+        k_eff = np.asarray(meta["k_eff"], dtype=np.int64)
+        pca_d = np.asarray(meta["pca_d_eff"], dtype=np.int64)
+        wht = np.asarray(meta["wht_len"], dtype=np.int64)
+        skeleton = int((s * (d + pca_d * d) + 2).sum())
+        skeleton += int((s * k_eff * d_eff + 1).sum())
+        codes = int((bs * ((wht * meta["bit_width"] + 7) // 8 + 2)).sum())  # packed_nbytes + t
         codes += meta["n_blocks"] * packed_nbytes(bs, meta["seg_bits"]) if meta["seg_bits"] else 0
         norms = 2 * bs * meta["n_blocks"] if meta["norm_used"] else 0
         return {"skeleton": skeleton, "codes": codes, "norms": norms, "tail": tail}

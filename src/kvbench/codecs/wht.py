@@ -6,8 +6,9 @@ all leading axes; the transform / packing axis is always the **last** one.
 
 API
 ---
-``is_pow2(n)`` / ``next_pow2(n)``
-    Integer helpers; ``next_pow2(n)`` is 1 for ``n <= 1`` (as kakeyaturbo's ``wht_len``).
+``is_pow2(n)`` / ``next_pow2(n)`` / ``next_pow2_array(n)``
+    Integer helpers; ``next_pow2(n)`` is 1 for ``n <= 1`` (as kakeyaturbo's ``wht_len``);
+    ``next_pow2_array`` is the same over a host int array (int64).
 ``hadamard(xp, n, dtype=float32)``
     The unnormalised Sylvester (natural-order) Hadamard matrix ``H_n`` (entries +-1, symmetric,
     ``H_n @ H_n = n I``). The top-left ``m x m`` block of ``H_n`` is ``H_m`` for ``m <= n``.
@@ -56,6 +57,7 @@ __all__ = [
     "hadamard",
     "is_pow2",
     "next_pow2",
+    "next_pow2_array",
     "pack_bits",
     "packed_nbytes",
     "quantize_nearest",
@@ -72,6 +74,13 @@ def next_pow2(n: int) -> int:
     """Smallest power of two >= n; 1 for n <= 1."""
     n = int(n)
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def next_pow2_array(n) -> np.ndarray:
+    """:func:`next_pow2` of every element of a host integer array, without a Python loop."""
+    n = np.asarray(n, dtype=np.int64)
+    bit_length = np.frexp(np.maximum(n - 1, 1).astype(np.float64))[1]  # exact below 2**53
+    return np.where(n <= 1, 1, np.left_shift(1, bit_length.astype(np.int64)))
 
 
 def _hadamard_np(n: int) -> np.ndarray:
@@ -137,22 +146,24 @@ def pack_bits(xp: ModuleType, codes, bits: int, bitorder: str = "little"):
     _check_bits(bits)
     if bitorder not in ("little", "big"):
         raise ValueError(f"bitorder must be 'little' or 'big', got {bitorder!r}")
+    # every 8 codes fill exactly `bits` bytes: build each group's 8*bits-bit word, then split it
     lead = codes.shape[:-1]
     n = codes.shape[-1]
-    nb = packed_nbytes(n, bits)
-    c = codes.astype(xp.uint8)
-    shifts = xp.arange(bits, dtype=xp.uint8)
-    if bitorder == "big":
-        shifts = shifts[::-1]
-    planes = (c[..., None] >> shifts) & xp.uint8(1)  # [..., n, bits]
-    stream = planes.reshape(lead + (n * bits,))
-    pad = nb * 8 - n * bits
-    if pad:
-        stream = xp.concatenate((stream, xp.zeros(lead + (pad,), dtype=xp.uint8)), axis=-1)
-    weights = xp.asarray((1 << np.arange(8)).astype(np.uint8))
-    if bitorder == "big":
-        weights = weights[::-1]
-    return (stream.reshape(lead + (nb, 8)) * weights).sum(axis=-1, dtype=xp.uint8)
+    n8 = -(-n // 8)
+    wt = xp.uint32 if bits <= 4 else xp.uint64
+    c = (codes.astype(xp.uint8) & xp.uint8((1 << bits) - 1)).astype(wt)
+    if n8 * 8 != n:
+        c = xp.concatenate((c, xp.zeros(lead + (n8 * 8 - n,), dtype=wt)), axis=-1)
+    c = c.reshape(lead + (n8, 8))
+    big = bitorder == "big"
+    word = xp.zeros(lead + (n8,), dtype=wt)
+    for j in range(8) if big else range(7, -1, -1):  # code 0 ends in the high (big) / low bits
+        word <<= wt(bits)
+        word |= c[..., j]
+    out = xp.empty(lead + (n8, bits), dtype=xp.uint8)
+    for m in range(bits):
+        out[..., m] = (word >> wt(8 * (bits - 1 - m) if big else 8 * m)).astype(xp.uint8)
+    return out.reshape(lead + (n8 * bits,))[..., : packed_nbytes(n, bits)]
 
 
 def unpack_bits(xp: ModuleType, packed, bits: int, n: int, bitorder: str = "little"):
@@ -162,16 +173,22 @@ def unpack_bits(xp: ModuleType, packed, bits: int, n: int, bitorder: str = "litt
         raise ValueError(f"bitorder must be 'little' or 'big', got {bitorder!r}")
     nb = packed_nbytes(n, bits)
     lead = packed.shape[:-1]
+    n8 = -(-n // 8)
     p = packed[..., :nb].astype(xp.uint8)
-    shifts8 = xp.arange(8, dtype=xp.uint8)
-    if bitorder == "big":
-        shifts8 = shifts8[::-1]
-    stream = ((p[..., None] >> shifts8) & xp.uint8(1)).reshape(lead + (nb * 8,))
-    planes = stream[..., : n * bits].reshape(lead + (n, bits))
-    weights = xp.asarray((1 << np.arange(bits)).astype(np.uint8))
-    if bitorder == "big":
-        weights = weights[::-1]
-    return (planes * weights).sum(axis=-1, dtype=xp.uint8)
+    if n8 * bits != nb:
+        p = xp.concatenate((p, xp.zeros(lead + (n8 * bits - nb,), dtype=xp.uint8)), axis=-1)
+    p = p.reshape(lead + (n8, bits))
+    big = bitorder == "big"
+    wt = xp.uint32 if bits <= 4 else xp.uint64
+    word = xp.zeros(lead + (n8,), dtype=wt)
+    for m in range(bits) if big else range(bits - 1, -1, -1):
+        word <<= wt(8)
+        word |= p[..., m]
+    out = xp.empty(lead + (n8, 8), dtype=xp.uint8)
+    mask = wt((1 << bits) - 1)
+    for j in range(8):
+        out[..., j] = ((word >> wt(bits * (7 - j) if big else bits * j)) & mask).astype(xp.uint8)
+    return out.reshape(lead + (n8 * 8,))[..., :n]
 
 
 def _sym(pos: list[float]) -> tuple[float, ...]:
