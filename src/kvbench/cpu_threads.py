@@ -1,4 +1,5 @@
-"""CPU execution strategy of the NumPy paths: independent chunks of work on a small thread pool.
+"""Chunked execution of the codecs' array paths: independent chunks of work on a small CPU
+thread pool (NumPy), and the chunks' arrays joined back (also after CuPy's memory-sized chunks).
 
 NumPy's ufuncs and OpenBLAS release the GIL, so chunks of rows or problems run in parallel on the
 cores a job owns, and each chunk's temporaries stay in cache. Chunk bounds are fixed by the
@@ -36,6 +37,14 @@ def map_chunks(fn: Callable[[Any], Any], chunks: Sequence, parallel: bool = True
         return [fn(c) for c in chunks]
     with one_blas_thread():
         return list(_pool(n).map(fn, chunks))
+
+
+def join_chunks(xp, parts: list[dict]) -> dict:
+    """Per-chunk array dicts (same keys, rows split along axis 0) joined back; ``None`` entries
+    (arrays a configuration does not produce) are dropped."""
+    if len(parts) == 1:
+        return {k: v for k, v in parts[0].items() if v is not None}
+    return {k: xp.concatenate([p[k] for p in parts]) for k, v in parts[0].items() if v is not None}
 
 
 @contextmanager

@@ -96,6 +96,7 @@ from kvbench.codecs.wht import (
     signed_hadamard,
     unpack_bits,
 )
+from kvbench.cpu_threads import join_chunks
 from kvbench.errors import KvbenchError
 
 EPS = float(np.finfo(np.float32).eps)  # Rust f32::EPSILON
@@ -761,11 +762,7 @@ class KakeyaTurbo(Codec):
                     norm_mode=norm_mode,
                 )
             )
-        out = {
-            key: parts[0][key] if len(parts) == 1 else xp.concatenate([q[key] for q in parts])
-            for key, v in parts[0].items()
-            if v is not None
-        }
+        out = join_chunks(xp, parts)
         codes = {"res_packed": out["packed"], "t": out["t"]}
         if norm_mode:
             codes["norm"] = out["norm"]

@@ -440,16 +440,24 @@ def _apply_smem_bytes(d: int, rows: int) -> int:
 _KERNELS: dict[tuple, object] = {}
 
 
-def _kernel(cp: ModuleType, name: str, defines: dict[str, int], smem: int):
-    key = (cp.cuda.Device().id, name, tuple(sorted(defines.items())))
+def _compiled(cp: ModuleType, source: str, name: str, defines: dict, smem: int = 0):
+    """Kernel ``name`` of the CUDA ``source``, compiled once per device with ``defines`` (ints, or
+    strings such as type names) as ``#define`` lines, its dynamic shared memory raised to ``smem``
+    where that exceeds the 48 KB default. Every kernel family of this module goes through it."""
+    items = tuple(sorted((n, v if isinstance(v, str) else int(v)) for n, v in defines.items()))
+    key = (cp.cuda.Device().id, source, name, items)
     k = _KERNELS.get(key)
     if k is None:
-        head = "".join(f"#define {n} {int(v)}\n" for n, v in sorted(defines.items()))
-        k = cp.RawKernel(head + _SOURCE, name, options=("--std=c++17",))
+        head = "".join(f"#define {n} {v}\n" for n, v in items)
+        k = cp.RawKernel(head + source, name, options=("--std=c++17",))
         _KERNELS[key] = k
     if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
     return k
+
+
+def _kernel(cp: ModuleType, name: str, defines: dict[str, int], smem: int):
+    return _compiled(cp, _SOURCE, name, defines, smem)
 
 
 def jacobi_plan(d: int) -> JacobiPlan:
@@ -796,13 +804,7 @@ _TQ_THREADS = 256
 
 
 def _tq_kernel(cp: ModuleType, name: str, row_len: int, bits: int, mode: int):
-    key = (cp.cuda.Device().id, "tq", name, row_len, bits, mode)
-    k = _KERNELS.get(key)
-    if k is None:
-        head = f"#define L {row_len}\n#define BITS {bits}\n#define MODE {mode}\n"
-        k = cp.RawKernel(head + _TQ_SOURCE, name, options=("--std=c++17",))
-        _KERNELS[key] = k
-    return k
+    return _compiled(cp, _TQ_SOURCE, name, {"L": row_len, "BITS": bits, "MODE": mode})
 
 
 def tq_fused_ok(xp: ModuleType, row_len: int) -> bool:
@@ -1220,12 +1222,7 @@ def tql_fused_ok(xp: ModuleType, g: int, d: int, bits: int) -> bool:
 
 def _tql_launch(cp: ModuleType, name: str, g: int, bits: int, pad: bool, r_rows: int, args):
     defines = {"G": g, "VPT": _TQL_VPT, "BITS": bits, "PAD": int(pad), "TPB": _TQ_THREADS}
-    key = (cp.cuda.Device().id, "tql", name, tuple(defines.items()))
-    k = _KERNELS.get(key)
-    if k is None:
-        head = "".join(f"#define {n} {v}\n" for n, v in defines.items())
-        k = cp.RawKernel(head + _TQL_SOURCE, name, options=("--std=c++17",))
-        _KERNELS[key] = k
+    k = _compiled(cp, _TQL_SOURCE, name, defines)
     teams = _TQ_THREADS // (g // _TQL_VPT)
     k((max(1, -(-r_rows // (teams * _TQL_ITERS))),), (_TQ_THREADS,), args)
 
@@ -1906,15 +1903,7 @@ def kt_decode_ok(xp: ModuleType, d_pad: int, k: int, d: int, bits: int) -> bool:
 
 
 def _kt_kernel(cp: ModuleType, name: str, defines: dict[str, int], smem: int):
-    key = (cp.cuda.Device().id, "kt", name, tuple(sorted(defines.items())))
-    k = _KERNELS.get(key)
-    if k is None:
-        head = "".join(f"#define {n} {int(v)}\n" for n, v in sorted(defines.items()))
-        k = cp.RawKernel(head + _KT_SOURCE, name, options=("--std=c++17",))
-        _KERNELS[key] = k
-    if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
-        k.max_dynamic_shared_size_bytes = smem
-    return k
+    return _compiled(cp, _KT_SOURCE, name, defines, smem)
 
 
 def kt_encode_blocks(
@@ -2680,15 +2669,7 @@ _KV1_TYPES = {"uint8": "unsigned char", "uint16": "unsigned short", "int64": "lo
 
 
 def _kv1_kernel(cp: ModuleType, name: str, defines: dict, smem: int = 0):
-    key = (cp.cuda.Device().id, "kv1", name, tuple(sorted(defines.items())))
-    k = _KERNELS.get(key)
-    if k is None:
-        head = "".join(f"#define {n} {v}\n" for n, v in sorted(defines.items()))
-        k = cp.RawKernel(head + _KV1_SOURCE, name, options=("--std=c++17",))
-        _KERNELS[key] = k
-    if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
-        k.max_dynamic_shared_size_bytes = smem
-    return k
+    return _compiled(cp, _KV1_SOURCE, name, defines, smem)
 
 
 def kv1_kmeans(cp: ModuleType, U, valid, live, k_act, d_eff, n_centres: int, max_iter: int):

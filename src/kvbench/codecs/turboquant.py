@@ -79,7 +79,7 @@ import numpy as np
 from kvbench.codecs import kernels, lloyd_max
 from kvbench.codecs.base import STREAMS, Codec, Encoded, register
 from kvbench.codecs.wht import is_pow2, signed_hadamard
-from kvbench.cpu_threads import map_chunks
+from kvbench.cpu_threads import join_chunks, map_chunks
 from kvbench.errors import KvbenchError
 
 #: Positive halves of the llama.cpp fork's centroid tables for d = 128 (``ggml-turbo-quant.c``
@@ -302,13 +302,6 @@ def map_rows(xp, fn, n: int, d: int) -> list:
     return map_chunks(fn, [slice(a, min(a + step, n)) for a in range(0, max(n, 1), step)])
 
 
-def join_rows(xp, parts: list[dict]) -> dict:
-    """The per-chunk array dicts of :func:`map_rows` joined back along rows."""
-    if len(parts) == 1:
-        return parts[0]
-    return {k: xp.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 # ---------------------------------------------------------------------------- codec
 
 
@@ -477,7 +470,7 @@ class TurboQuant(Codec):
         bits = self._pq_bits(stream)
         if kernels.tq_fused_ok(xp, d):
             return self._encode_proto_fused(x2, stream, st, bits)
-        return join_rows(
+        return join_chunks(
             xp,
             map_rows(
                 xp, lambda rows: self._encode_proto_rows(x2[rows], stream, st, bits), *x2.shape
@@ -623,7 +616,7 @@ class TurboQuant(Codec):
             if self.bits == 4:
                 arrays["rnorms"] = xp.zeros((n, dp // g), dtype=xp.float16)
             return arrays
-        return join_rows(
+        return join_chunks(
             xp, map_rows(xp, lambda rows: self._encode_llama_rows(x2[rows], g, dp, st), n, d)
         )
 
