@@ -698,12 +698,12 @@ def kv1_directions(x, B):
 
 @pytest.mark.gpu
 def test_gpu_kmeans_kernel_matches_numpy():
-    """kernels.kv1_kmeans (the whole Lloyd loop on the device) against NumPy's spherical_kmeans
+    """kakeya_kv1.kv1_kmeans (the whole Lloyd loop on the device) against NumPy's spherical_kmeans
     on KV-like directions (pooled problems of 1536 rows): the same assignments on >= 99.9% of
     the rows, the same iteration counts on >= 90% of the problems, and centres equal to float32
     round-off in the problems that agree; problems left out of ``live`` stay zero."""
     from kvbench.backend import _cupy_or_none
-    from kvbench.codecs import kernels
+    from kvbench.codecs.gpu import kakeya_kv1
 
     cp = _cupy_or_none()
     if cp is None:
@@ -716,7 +716,7 @@ def test_gpu_kmeans_kernel_matches_numpy():
     Ud = cp.zeros((P, N, -(-d // 4) * 4), dtype=cp.float32)
     Ud[:, :, :d] = cp.asarray(U)
     live = np.arange(P - 1)
-    C, a, it = kernels.kv1_kmeans(cp, Ud, cp.asarray(valid), live, k_act, d_eff, 16, 100)
+    C, a, it = kakeya_kv1.kv1_kmeans(cp, Ud, cp.asarray(valid), live, k_act, d_eff, 16, 100)
     C, a = cp.asnumpy(C), cp.asnumpy(a)
     assert np.all(C[-1] == 0) and np.all(a[-1] == 0) and it[-1] == 0
     assert (a[live] == a_np[live]).mean() >= 0.999

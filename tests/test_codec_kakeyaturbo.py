@@ -578,7 +578,7 @@ def test_gpu_kernels_match_numpy_codes(spec, shape):
     # kernels.kt_encode_blocks / kt_decode_blocks on the NumPy path's own fit and coefficients:
     # the same K-means decisions and codes (only float32 summation orders differ), and decoding
     # the NumPy encoding reproduces the NumPy decode to round-off
-    from kvbench.codecs.kernels import kt_decode_blocks, kt_encode_blocks, kt_pad
+    from kvbench.codecs.gpu.kakeyaturbo import kt_decode_blocks, kt_encode_blocks, kt_pad
 
     cp = _gpu()
     x = lowrank(*shape, decay=4.0, seed=21)
@@ -684,7 +684,7 @@ def test_gpu_mean_gram(shape, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_d_eff_rule_matches_host():
-    from kvbench.codecs.kernels import kt_d_eff
+    from kvbench.codecs.gpu.kakeyaturbo import kt_d_eff
 
     cp = _gpu()
     rng = np.random.default_rng(24)

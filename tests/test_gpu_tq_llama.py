@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from kvbench.backend import _cupy_or_none
-from kvbench.codecs import kernels
 from kvbench.codecs.base import Encoded, build_codec
+from kvbench.codecs.gpu import turboquant_llama as kernels
 from kvbench.codecs.turboquant import unpack_codes
 
 pytestmark = pytest.mark.gpu

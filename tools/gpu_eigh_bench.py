@@ -1,4 +1,4 @@
-"""Check and time ``kvbench.codecs.kernels.batched_eigh`` variants against ``cupy.linalg.eigh``.
+"""Check and time ``kvbench.codecs.linalg.batched_eigh`` variants against ``cupy.linalg.eigh``.
 
 Run on a CUDA machine from the repository root::
 
@@ -16,7 +16,6 @@ covariance. Prints a table last and writes ``eigh_bench.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -29,18 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from kvbench.codecs import linalg as K  # noqa: E402  (after the path insert)
 
-def _load_kernels():
-    # by path: kvbench.codecs/__init__ imports every codec, which this benchmark does not need
-    spec = importlib.util.spec_from_file_location(
-        "kvbench_kernels", REPO / "src" / "kvbench" / "codecs" / "kernels.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-K = _load_kernels()
 N_ROWS = 512  # rows of the [512, D] blocks whose covariance is decomposed
 
 

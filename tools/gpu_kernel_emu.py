@@ -1,4 +1,4 @@
-"""Run the Jacobi eigh kernels of kvbench.codecs.kernels on the CPU: a logic check without a GPU.
+"""Run the Jacobi eigh kernels of kvbench.codecs.linalg on the CPU: a logic check without a GPU.
 
 The CUDA source is compiled as C++20 with a small shim: one std::thread per CUDA thread,
 ``__syncthreads`` = a std::barrier over the block, ``__syncwarp`` and the warp shuffles = a
@@ -12,7 +12,6 @@ after another. It checks indexing, barriers and the algorithm, not speed or the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -101,15 +100,6 @@ int main(int argc, char **argv) {
 """
 
 
-def _kernels():
-    spec = importlib.util.spec_from_file_location(
-        "kvbench_kernels", REPO / "src" / "kvbench" / "codecs" / "kernels.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=64)
@@ -121,7 +111,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    k = _kernels()
+    sys.path.insert(0, str(REPO / "src"))
+    from kvbench.codecs import linalg as k
+
     d = args.d
     plan = k.JacobiPlan(args.mode, args.packed, args.threads, args.rows, args.apply_threads)
     k._check_plan(d, plan)

@@ -48,7 +48,7 @@ Design choices:
   empty-cluster rule can make the loop cycle until ``max_iter``, e.g. for d_eff = 2 blocks) ends
   the loop for that problem with the state and iteration count that ``max_iter`` would give.
 - CuPy: the K-means loop, the per-row codes and the decoder's coefficient rows are device kernels
-  (``kernels.kv1_*``: one thread block per problem, no host sync inside the loop); the array path
+  (``gpu.kakeya_kv1``: one thread block per problem, no host sync inside the loop); the array path
   remains for shapes they do not take (more than 32 centres, ``d_res`` 0 or above 16). The
   kernels read rows as float4, so on that path the working coefficient width is ``d_max`` rounded
   up to a multiple of 4 (zero columns; stored arrays keep ``d_max``).
@@ -63,9 +63,7 @@ import numpy as np
 
 from kvbench.backend import device_free_bytes
 from kvbench.codecs.base import Codec, Encoded, bf16_round, register
-from kvbench.codecs.kernels import (
-    JACOBI_PLANS,
-    batched_eigh,
+from kvbench.codecs.gpu.kakeya_kv1 import (
     kv1_codes,
     kv1_coeffs,
     kv1_fused_ok,
@@ -73,6 +71,7 @@ from kvbench.codecs.kernels import (
     kv1_row_norms,
     kv1_sub_outer,
 )
+from kvbench.codecs.linalg import batched_eigh, float32_eigh_ok
 from kvbench.cpu_threads import map_chunks, workers
 from kvbench.errors import KvbenchError
 
@@ -207,10 +206,10 @@ def fit_pca(xp: ModuleType, Xc, variance_ratio: float):
     """
     P, N, D = Xc.shape
     gram = xp.matmul(Xc.transpose(0, 2, 1), Xc)
-    if xp is not np and D in JACOBI_PLANS:
-        # CuPy: the batched float32 Jacobi kernel (~3e-6 relative reconstruction error, better
-        # than cupy.linalg.eigh in float64 on a stack and 10-100x faster); eigenvalues widened
-        # to float64 for the cumulative-variance rule, as on NumPy
+    if float32_eigh_ok(xp, D):
+        # CuPy: the batched float32 Jacobi kernel or cuSOLVER's batched solver (~1e-5 relative
+        # reconstruction error or better, and 10-100x faster than cupy.linalg.eigh in float64 on
+        # a stack); eigenvalues widened to float64 for the cumulative-variance rule, as on NumPy
         w, V = batched_eigh(xp, gram)
         w = w.astype(xp.float64)
     else:

@@ -23,7 +23,7 @@ Pipeline per block of ``block_size`` consecutive rows of the head-major ``[n_kv*
 4. Decode (2.7): ``u = sigma * H(v * inv) / wht_len``;
    ``x_hat = mean + (t*centre_s + u[:d_eff]) @ basis``.
 
-On CuPy the hot loops are kernels (``kernels.kt_*``): per-block mean + covariance (D <= 128),
+On CuPy the hot loops are kernels (``gpu.kakeyaturbo``): per-block mean + covariance (D <= 128),
 the d_eff rule, K-means to convergence + residual code + packing (one launch, no host sync per
 iteration) and the whole decode; two host syncs per encode (d_eff, K_eff), none per decode, and
 chunks sized from free device memory bound every temporary. Shapes the kernels do not take
@@ -74,8 +74,7 @@ import numpy as np
 
 from kvbench.backend import device_free_bytes, to_numpy
 from kvbench.codecs.base import Codec, Encoded, bf16_round, register
-from kvbench.codecs.kernels import (
-    batched_eigh,
+from kvbench.codecs.gpu.kakeyaturbo import (
     kt_block_gram,
     kt_d_eff,
     kt_decode_blocks,
@@ -85,6 +84,7 @@ from kvbench.codecs.kernels import (
     kt_gram_ok,
     kt_pad,
 )
+from kvbench.codecs.linalg import batched_eigh
 from kvbench.codecs.rng import first_gen_range, sign_pattern
 from kvbench.codecs.wht import (
     KT_LLOYD_MAX,
@@ -247,7 +247,7 @@ def _mean_gram(xp: ModuleType, x):
     """Row mean ``[P, D]`` and centred Gram matrix ``(x - mean)^T (x - mean)`` ``[P, D, D]`` of
     every batch entry of ``x: [P, n, D]`` on CuPy, in chunks that fit the device.
 
-    Through ``kernels.kt_block_gram`` (one pass per 512-row run, no centred copy) where ``D``
+    Through ``kt_block_gram`` (one pass per 512-row run, no centred copy) where ``D``
     allows, array ops otherwise. One pooled entry (``P = 1``, V streams) is cut into 512-row runs
     whose means and Gram matrices are combined exactly (parallel-axis theorem); a plain
     ``mean(axis=1)`` over millions of rows is a slow CuPy reduction (0.39 s for 17M x 64).
@@ -325,7 +325,7 @@ def _mean_cov_eigh(xp: ModuleType, x):
                 torch.set_num_threads(n_threads)
         cov = xp.matmul(xc.transpose(0, 2, 1), xc) / xp.float32(n)
     cov = (cov + cov.transpose(0, 2, 1)) * xp.float32(0.5)
-    # CuPy: the batched Jacobi kernel for D in JACOBI_PLANS (64/128/256), cupy.linalg.eigh else
+    # CuPy: the Jacobi kernel (D=64) or cuSOLVER's batched solver, by batched_eigh's auto rule
     return (mu, *batched_eigh(xp, cov))
 
 

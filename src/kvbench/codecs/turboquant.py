@@ -66,7 +66,7 @@ on numpy; decode gathers centroid values straight from the packed bytes through 
 lookup table. On numpy both variants run that same math on row chunks in parallel threads
 (:func:`map_rows`). On CuPy the prototype keeps its rotations as cuBLAS FP32 GEMMs around fused
 quantise/pack kernels, and the llama.cpp variant is one fused kernel each way (sign flip + FWHT
-in registers + quantise + pack, and the inverse: ``kernels.tq_llama_encode`` / ``_decode``).
+in registers + quantise + pack, and the inverse: ``gpu.turboquant_llama``).
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from kvbench.codecs import kernels, lloyd_max
+from kvbench.codecs import lloyd_max
 from kvbench.codecs.base import STREAMS, Codec, Encoded, register
+from kvbench.codecs.gpu import turboquant_llama as tql_kernels
+from kvbench.codecs.gpu import turboquant_proto as tq_kernels
 from kvbench.codecs.wht import is_pow2, signed_hadamard
 from kvbench.cpu_threads import join_chunks, map_chunks
 from kvbench.errors import KvbenchError
@@ -468,7 +470,7 @@ class TurboQuant(Codec):
         d = x2.shape[1]
         st = self._proto_state(d, stream)
         bits = self._pq_bits(stream)
-        if kernels.tq_fused_ok(xp, d):
+        if tq_kernels.tq_fused_ok(xp, d):
             return self._encode_proto_fused(x2, stream, st, bits)
         return join_chunks(
             xp,
@@ -505,8 +507,8 @@ class TurboQuant(Codec):
         """CuPy: GEMM rotation, then one fused kernel (norm, quantise, pack, K residual)."""
         xp = self.xp
         u = x2 @ st["pi_t"]
-        mode = kernels.TQ_PROTO_K if stream == "k" else kernels.TQ_PROTO_V
-        planes, gamma, rn = kernels.tq_encode_rows(
+        mode = tq_kernels.TQ_PROTO_K if stream == "k" else tq_kernels.TQ_PROTO_V
+        planes, gamma, rn = tq_kernels.tq_encode_rows(
             xp,
             x2,
             u,
@@ -521,7 +523,7 @@ class TurboQuant(Codec):
         arrays["norms"] = self._store_norm(gamma)
         if stream == "k":  # u now holds Pi r / gamma (see the NumPy path below)
             arrays["rnorms"] = self._store_norm(rn)
-            arrays["signs"] = kernels.tq_pack_signs(xp, u @ st["pi_s_t"])
+            arrays["signs"] = tq_kernels.tq_pack_signs(xp, u @ st["pi_s_t"])
         return arrays
 
     def _decode_proto(self, enc: Encoded):
@@ -529,15 +531,15 @@ class TurboQuant(Codec):
         d = enc.meta["d"]
         stream = enc.meta["stream"]
         st = self._proto_state(d, stream)
-        if kernels.tq_fused_ok(xp, d):
+        if tq_kernels.tq_fused_ok(xp, d):
             k = stream == "k"
-            w = kernels.tq_decode_rows(
+            w = tq_kernels.tq_decode_rows(
                 xp,
                 {c[len("codes_") :]: v for c, v in enc.arrays.items() if c.startswith("codes_")},
                 st["cent"],
                 enc.arrays["norms"].astype(xp.float32),
                 self._pq_bits(stream),
-                kernels.TQ_PROTO_K if k else kernels.TQ_PROTO_V,
+                tq_kernels.TQ_PROTO_K if k else tq_kernels.TQ_PROTO_V,
                 d,
                 norm_corr=self.params["norm_correction"],
                 signs=enc.arrays["signs"] if k else None,
@@ -579,8 +581,8 @@ class TurboQuant(Codec):
         n, d = x2.shape
         g, dp = self._llama_layout(d)
         st = self._llama_state(g)
-        if kernels.tql_fused_ok(xp, g, d, self.bits):  # CuPy: one kernel, the WHT in registers
-            planes, norms = kernels.tq_llama_encode(
+        if tql_kernels.tql_fused_ok(xp, g, d, self.bits):  # CuPy: one kernel, the WHT in registers
+            planes, norms = tql_kernels.tq_llama_encode(
                 xp,
                 x2,
                 g,
@@ -596,18 +598,18 @@ class TurboQuant(Codec):
             if self.bits == 4:
                 arrays["rnorms"] = xp.zeros((n, dp // g), dtype=xp.float16)
             return arrays
-        if kernels.tq_fused_ok(xp, g):
+        if tq_kernels.tq_fused_ok(xp, g):
             if dp != d:
                 x2 = xp.concatenate([x2, xp.zeros((n, dp - d), dtype=xp.float32)], axis=1)
             xg = x2.reshape(n * (dp // g), g)
-            planes, _, stored = kernels.tq_encode_rows(
+            planes, _, stored = tq_kernels.tq_encode_rows(
                 xp,
                 xg,
                 xg @ st["m"],
                 st["mids_x"],
                 st["cent"],
                 self.bits,
-                kernels.TQ_LLAMA,
+                tq_kernels.TQ_LLAMA,
                 ties_up=True,
                 norm_corr=self.params["norm_correction"],
             )
@@ -651,19 +653,19 @@ class TurboQuant(Codec):
         g, dp = self._llama_layout(d)
         st = self._llama_state(g)
         packed = {k[len("codes_") :]: v for k, v in enc.arrays.items() if k.startswith("codes_")}
-        if kernels.tql_fused_ok(xp, g, d, self.bits):
-            return kernels.tq_llama_decode(
+        if tql_kernels.tql_fused_ok(xp, g, d, self.bits):
+            return tql_kernels.tq_llama_decode(
                 xp, packed, enc.arrays["norms"], g, d, *st["wht_inv"], st["cent"], self.bits
             )
-        if kernels.tq_fused_ok(xp, g):
+        if tq_kernels.tq_fused_ok(xp, g):
             rows = n * (dp // g)
-            y = kernels.tq_decode_rows(
+            y = tq_kernels.tq_decode_rows(
                 xp,
                 {k: v.reshape(rows, -1) for k, v in packed.items()},
                 st["cent"],
                 enc.arrays["norms"].astype(xp.float32).reshape(rows),
                 self.bits,
-                kernels.TQ_LLAMA,
+                tq_kernels.TQ_LLAMA,
                 g,
             )
             out = (y @ st["m_t"]).reshape(n, dp)
