@@ -60,3 +60,39 @@ def make_capture(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
+
+
+def ar1_kv(rng, n_kv: int, T: int, D: int, spread: float | None = None) -> np.ndarray:
+    """KV-like rows ``[n_kv, T, D]``: AR(1) in time, a spectrum decaying as exp(-i / spread) in a
+    random basis (default spread D/3: d_eff ~ D/3 at 0.95), per-head offsets and two outlier
+    channels."""
+    decay = np.exp(-np.arange(D) / (spread or D / 3.0))
+    q = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    e = rng.standard_normal((n_kv, T, D))
+    z = np.empty_like(e)
+    z[:, 0] = e[:, 0]
+    for i in range(1, T):
+        z[:, i] = 0.8 * z[:, i - 1] + 0.6 * e[:, i]
+    x = (z * decay) @ q + 0.3 * rng.standard_normal((n_kv, 1, D))
+    x[..., :2] *= 6.0
+    return x.astype(np.float32)
+
+
+def kv1_directions(x: np.ndarray, B: int, invalid_lead: int = 0):
+    """K-means input of the kakeya_v1 preset (pooled heads, legacy t_dir) as encode builds it:
+    ``(U, valid, k_act, d_eff)``; ``invalid_lead`` rows of the first problem are marked invalid
+    (a problem that starts with rows without a direction)."""
+    from kvbench.codecs import kakeya
+
+    nb = kakeya.n_compressed_blocks(x.shape[1], B, 256)
+    X = kakeya.problem_rows(np, kakeya.block_view(x, nb, B), 0, nb, True)
+    Xc = X - X.mean(axis=1)[:, None, :]
+    basis, d_eff = kakeya.fit_pca(np, Xc, 0.95)
+    A = np.matmul(Xc, basis.transpose(0, 2, 1))
+    tdir = kakeya.temporal_direction(np, A, "legacy_noise")
+    _, Pp = kakeya.split_temporal(np, A, tdir, "legacy_noise", False)
+    nrm = kakeya._row_norms(np, Pp)
+    valid = nrm > kakeya.EPS
+    valid[0, :invalid_lead] = False
+    U = Pp * np.where(valid, 1.0 / np.where(valid, nrm, 1.0), 0.0)[:, :, None]
+    return U.astype(np.float32), valid, np.minimum(16, valid.sum(axis=1)), d_eff

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic import ar1_kv, kv1_directions
 
 from kvbench.codecs import kakeya
 from kvbench.codecs.base import bf16_round, build_codec, build_from_spec
@@ -13,6 +14,7 @@ from kvbench.codecs.kakeya import (
     packed_block_bytes,
     spherical_kmeans,
 )
+from kvbench.codecs.linalg import batched_gram
 from kvbench.errors import KvbenchError
 
 V1 = {"family": "kakeya", "pool_heads": True, "tdir_mode": "legacy_noise", "store": "f32"}
@@ -666,36 +668,6 @@ def test_cupy_matches_numpy(preset):
         assert abs(err_cp - err_np) < 0.05 * err_np
 
 
-def ar1_kv(rng, n_kv, T, D):
-    """KV-like rows: AR(1) in time, a slowly decaying spectrum in a random basis (d_eff ~ D/3 at
-    0.95), per-head offsets and two outlier channels."""
-    decay = np.exp(-np.arange(D) / (D / 3.0))
-    q = np.linalg.qr(rng.standard_normal((D, D)))[0]
-    e = rng.standard_normal((n_kv, T, D))
-    z = np.empty_like(e)
-    z[:, 0] = e[:, 0]
-    for i in range(1, T):
-        z[:, i] = 0.8 * z[:, i - 1] + 0.6 * e[:, i]
-    x = (z * decay) @ q + 0.3 * rng.standard_normal((n_kv, 1, D))
-    x[..., :2] *= 6.0
-    return x.astype(np.float32)
-
-
-def kv1_directions(x, B):
-    """K-means input of the kakeya_v1 preset (pooled heads, legacy t_dir), as encode builds it."""
-    nb = kakeya.n_compressed_blocks(x.shape[1], B, 256)
-    X = kakeya.problem_rows(np, kakeya.block_view(x, nb, B), 0, nb, True)
-    Xc = X - X.mean(axis=1)[:, None, :]
-    basis, d_eff = kakeya.fit_pca(np, Xc, 0.95)
-    A = np.matmul(Xc, basis.transpose(0, 2, 1))
-    tdir = kakeya.temporal_direction(np, A, "legacy_noise")
-    _, Pp = kakeya.split_temporal(np, A, tdir, "legacy_noise", False)
-    nrm = kakeya._row_norms(np, Pp)
-    valid = nrm > kakeya.EPS
-    U = Pp * np.where(valid, 1.0 / np.where(valid, nrm, 1.0), 0.0)[:, :, None]
-    return U.astype(np.float32), valid, np.minimum(16, valid.sum(axis=1)), d_eff
-
-
 @pytest.mark.gpu
 def test_gpu_kmeans_kernel_matches_numpy():
     """kakeya_kv1.kv1_kmeans (the whole Lloyd loop on the device) against NumPy's spherical_kmeans
@@ -724,3 +696,63 @@ def test_gpu_kmeans_kernel_matches_numpy():
     same = live[(a[live] == a_np[live]).all(axis=1)]
     np.testing.assert_allclose(C[same, :, :d], C_np[same], atol=1e-5)
     assert np.all(C[:, :, d:] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_tdir", [True, False])
+def test_gpu_split_kernel(with_tdir):
+    """kv1_split (temporal split, row norms and unit rows in one pass) against the array ops it
+    replaces; zero rows get a zero unit row. And the cuBLAS Gram against NumPy."""
+    from kvbench.backend import _cupy_or_none
+    from kvbench.codecs.gpu import kakeya_kv1
+
+    cp = _cupy_or_none()
+    if cp is None:
+        pytest.skip("no CUDA GPU usable through CuPy")
+    rng = np.random.default_rng(16)
+    A = rng.standard_normal((5, 300, 44)).astype(np.float32)
+    A[1, 7] = 0.0
+    tdir = None
+    if with_tdir:
+        tdir = rng.standard_normal((5, 44)).astype(np.float32)
+        tdir /= np.linalg.norm(tdir, axis=1, keepdims=True)
+    t_d = None if tdir is None else cp.asarray(tdir)
+    alpha, Pp, nrm, U = (
+        None if v is None else cp.asnumpy(v)
+        for v in kakeya_kv1.kv1_split(cp, cp.asarray(A), t_d, kakeya.EPS)
+    )
+    a_ref, P_ref = kakeya.split_temporal(np, A, tdir, "legacy_noise", False)
+    if with_tdir:
+        np.testing.assert_allclose(alpha, a_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(Pp, P_ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert alpha is None and np.array_equal(Pp, A)
+    n_ref = np.sqrt((Pp.astype(np.float64) ** 2).sum(axis=2))
+    np.testing.assert_allclose(nrm, n_ref, rtol=1e-6)
+    ok = nrm > kakeya.EPS
+    assert not ok[1, 7] and np.all(U[1, 7] == 0.0)
+    np.testing.assert_array_equal(U[ok], Pp[ok] * (np.float32(1.0) / nrm[ok])[:, None])
+    g = cp.asnumpy(batched_gram(cp, cp.asarray(A)))
+    np.testing.assert_allclose(g, A.transpose(0, 2, 1) @ A, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["kakeya", "kakeya_v1"])
+def test_gpu_decode_kernel_matches_numpy(preset):
+    """kv1_decode (coefficient rows, basis product and mean in one pass, written to each row's
+    place) decodes NumPy's encoding of both layouts (pooled heads, per head) to NumPy's rows up to
+    float32 summation order."""
+    import dataclasses
+
+    from kvbench.backend import _cupy_or_none
+
+    cp = _cupy_or_none()
+    if cp is None:
+        pytest.skip("no CUDA GPU usable through CuPy")
+    rng = np.random.default_rng(17)
+    x = kv_like(rng, 3, 3 * 512 + 300, 64)
+    c_np, c_cp = build_codec(preset, CONFIG), build_codec(preset, CONFIG, xp=cp)
+    e = c_np.encode(x)
+    arrays = {k: cp.asarray(v) for k, v in e.arrays.items()}
+    y = cp.asnumpy(c_cp.decode(dataclasses.replace(e, arrays=arrays)))
+    np.testing.assert_allclose(y, c_np.decode(e), rtol=1e-5, atol=1e-5)

@@ -47,11 +47,15 @@ Design choices:
   the working set is re-compacted as problems converge; a state that repeats exactly (the
   empty-cluster rule can make the loop cycle until ``max_iter``, e.g. for d_eff = 2 blocks) ends
   the loop for that problem with the state and iteration count that ``max_iter`` would give.
-- CuPy: the K-means loop, the per-row codes and the decoder's coefficient rows are device kernels
-  (``gpu.kakeya_kv1``: one thread block per problem, no host sync inside the loop); the array path
-  remains for shapes they do not take (more than 32 centres, ``d_res`` 0 or above 16). The
-  kernels read rows as float4, so on that path the working coefficient width is ``d_max`` rounded
-  up to a multiple of 4 (zero columns; stored arrays keep ``d_max``).
+- CuPy: the K-means loop, the per-row codes, the temporal split with the row norms and unit rows,
+  and the decoder (coefficient rows, basis product, mean, into the output in one pass) are device
+  kernels (``gpu.kakeya_kv1``: one thread block per problem, no host sync inside the loop); the
+  Gram goes to cuBLAS with a transpose flag (``linalg.batched_gram``: no transposed copy); the
+  legacy t_dir mean is a batched GEMV (CuPy's mean over axis 1 is slow). The array path remains
+  for shapes the kernels do not take (more than 32 centres, ``d_res`` 0 or above 16; decode:
+  head_dim not a multiple of 16). The kernels read rows as float4, so on that path the working
+  coefficient width is ``d_max`` rounded up to a multiple of 4 (zero columns; stored arrays keep
+  ``d_max``).
 """
 
 from __future__ import annotations
@@ -66,12 +70,15 @@ from kvbench.codecs.base import Codec, Encoded, bf16_round, register
 from kvbench.codecs.gpu.kakeya_kv1 import (
     kv1_codes,
     kv1_coeffs,
+    kv1_decode,
+    kv1_decode_ok,
     kv1_fused_ok,
     kv1_kmeans,
     kv1_row_norms,
+    kv1_split,
     kv1_sub_outer,
 )
-from kvbench.codecs.linalg import batched_eigh, float32_eigh_ok
+from kvbench.codecs.linalg import batched_eigh, batched_gram, float32_eigh_ok
 from kvbench.cpu_threads import map_chunks, workers
 from kvbench.errors import KvbenchError
 
@@ -205,7 +212,7 @@ def fit_pca(xp: ModuleType, Xc, variance_ratio: float):
     batched float32 matmul, eigh in float64, eigenvectors sign-canonicalised.
     """
     P, N, D = Xc.shape
-    gram = xp.matmul(Xc.transpose(0, 2, 1), Xc)
+    gram = batched_gram(xp, Xc)
     if float32_eigh_ok(xp, D):
         # CuPy: the batched float32 Jacobi kernel or cuSOLVER's batched solver (~1e-5 relative
         # reconstruction error or better, and 10-100x faster than cupy.linalg.eigh in float64 on
@@ -240,7 +247,12 @@ def temporal_direction(xp: ModuleType, A, mode: str):
     e0[:, 0] = 1.0
     if mode == "first_pc":
         return e0
-    m = A.mean(axis=1)  # round-off noise: the rows of A are already centred (spec §5.1)
+    # round-off noise: the rows of A are already centred (spec §5.1); CuPy: one batched GEMV (its
+    # strided mean over axis 1 is a slow reduction)
+    if xp is np:
+        m = A.mean(axis=1)
+    else:
+        m = xp.matmul(xp.ones((1, A.shape[1]), dtype=xp.float32), A)[:, 0] / xp.float32(A.shape[1])
     nrm = xp.sqrt((m * m).sum(axis=1))
     ok = nrm > EPS
     return xp.where(ok[:, None], m / xp.where(ok, nrm, 1.0)[:, None], e0).astype(xp.float32)
@@ -718,13 +730,16 @@ class Kakeya(Codec):
         tdir = temporal_direction(xp, A, mode)
         if packed and tdir is not None:
             tdir = bf16_round(xp, tdir)
-        alpha, Pp = split_temporal(xp, A, tdir, mode, round_alpha=False)
-        nrm = _row_norms(xp, Pp)
+        if fused:  # CuPy: split, row norms and unit rows in one pass over A
+            alpha, Pp, nrm, U = kv1_split(xp, A, tdir, EPS)
+        else:
+            alpha, Pp = split_temporal(xp, A, tdir, mode, round_alpha=False)
+            nrm, U = _row_norms(xp, Pp), None
         valid = nrm > EPS
         n_valid = _host(valid.sum(axis=1)).astype(np.int64)
         runs = n_valid >= 2
         k_act = np.where(runs, np.minimum(K, n_valid), 1)
-        C, iters = self._centres(xp, Pp, nrm, valid, runs, k_act, d_eff, p0, fused, layer, stream)
+        C, iters = self._centres(xp, Pp, U, nrm, valid, runs, k_act, d_eff, p0, layer, stream)
 
         # ---- per-row codes against the stored skeleton; in the packed store every rounding is
         # fed forward (alpha before the perpendicular part, t before the residual)
@@ -742,9 +757,10 @@ class Kakeya(Codec):
             self._codes(xp, Pp, valid, C, k_act, d_eff, o, sl)
         return C, k_act, iters
 
-    def _centres(self, xp, Pp, nrm, valid, runs, k_act, d_eff, p0, fused, layer, stream):
+    def _centres(self, xp, Pp, U, nrm, valid, runs, k_act, d_eff, p0, layer, stream):
         """Spherical K-means of the problems with >= 2 valid rows, one seeded random unit centre
-        for the others; returns ``(centres [n, Kc, width], iters)``."""
+        for the others; returns ``(centres [n, Kc, width], iters)``. ``U``: the unit rows, given
+        on the kernel path (``kv1_split``), else None."""
         p = self.params
         n, N, width = Pp.shape
         Kc = int(k_act.max())
@@ -752,11 +768,10 @@ class Kakeya(Codec):
         iters = np.zeros(n, dtype=np.int64)
         if runs.any():
             live = np.nonzero(runs)[0]
-            scale = xp.where(valid, 1.0 / xp.where(valid, nrm, 1.0), 0.0)
-            if fused:
-                U = Pp * scale[:, :, None]
+            if U is not None:
                 C, _, iters = kv1_kmeans(xp, U, valid, live, k_act, d_eff, Kc, p["max_iter"])
             else:
+                scale = xp.where(valid, 1.0 / xp.where(valid, nrm, 1.0), 0.0)
                 sel = xp.asarray(live) if len(live) < n else slice(None)
                 UTe = xp.empty((len(live), width + 1, N), dtype=xp.float32)
                 UTe[:, :width] = (Pp[sel] * scale[sel][:, :, None]).transpose(0, 2, 1)
@@ -814,6 +829,9 @@ class Kakeya(Codec):
         N = a["seg"].shape[1]
         out = xp.empty((n_kv, T, D), dtype=xp.float32)
         out[:, nb * B :] = a["tail"]
+        if kv1_decode_ok(xp, d_max, D, int(a["centres"].shape[1])):  # CuPy: one fused pass
+            kv1_decode(xp, a, out, m["pool_heads"], B, nb)
+            return out
         blocks = block_view(out, nb, B)
 
         def put(rng):  # writes the blocks of problems p0..p1 only

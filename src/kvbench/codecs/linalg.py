@@ -22,9 +22,12 @@ API
     Measured on an H100 (docs/gpu.md; GB/s of the [512, D] bf16 blocks behind the matrices),
     cuSOLVER batched / Jacobi kernel: D=64 36 / 34, D=128 23.6 / 7.7, D=256 9.2 / 1.4, with
     eigenvalue errors of 7e-7 / 4e-6 relative and reconstruction errors of ~1e-5 / ~4e-6.
+``batched_gram(xp, x)``
+    ``x [..., N, D]`` -> ``[..., D, D]`` float32 ``x^T x``: one batched GEMM (on CuPy cuBLAS with a
+    transpose flag, no transposed copy).
 ``batched_covariance(xp, x, mean=True)``
     ``x [..., N, D]`` -> ``[..., D, D]`` float32 ``xc^T xc / N`` with ``xc = x - mean over N`` (or
-    ``x`` itself when ``mean=False``). One batched GEMM (cuBLAS on CuPy).
+    ``x`` itself when ``mean=False``), through ``batched_gram``.
 
 The Jacobi kernel (CuPy)
 ------------------------
@@ -59,6 +62,7 @@ __all__ = [
     "JacobiPlan",
     "batched_covariance",
     "batched_eigh",
+    "batched_gram",
     "cusolver_batched_ok",
     "float32_eigh_ok",
 ]
@@ -690,6 +694,45 @@ def batched_eigh(
     return w.reshape(shape[:-1]), v.reshape(shape)
 
 
+def batched_gram(xp: ModuleType, x):
+    """``x^T x [..., D, D]`` float32 of ``x [..., N, D]``: one batched GEMM.
+
+    CuPy: cuBLAS ``sgemmStridedBatched`` with a transpose flag, because ``cupy.matmul`` first
+    copies a transposed operand into a contiguous array (a full extra pass over the rows). A
+    row-major ``[N, D]`` matrix is the column-major ``D x N`` matrix M, and ``M M^T`` is the Gram.
+    """
+    x = xp.asarray(x, dtype=xp.float32)
+    if xp is np:
+        return np.matmul(x.swapaxes(-1, -2), x)
+    n, d = int(x.shape[-2]), int(x.shape[-1])
+    x3 = xp.ascontiguousarray(x.reshape((-1, n, d)))
+    out = xp.empty((x3.shape[0], d, d), dtype=xp.float32)
+    if out.size:
+        cublas = xp.cuda.cublas
+        one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+        cublas.sgemmStridedBatched(
+            xp.cuda.device.get_cublas_handle(),
+            cublas.CUBLAS_OP_N,
+            cublas.CUBLAS_OP_T,
+            d,
+            d,
+            n,
+            one.ctypes.data,
+            x3.data.ptr,
+            d,
+            n * d,
+            x3.data.ptr,
+            d,
+            n * d,
+            zero.ctypes.data,
+            out.data.ptr,
+            d,
+            d * d,
+            x3.shape[0],
+        )
+    return out.reshape((*x.shape[:-2], d, d))
+
+
 def batched_covariance(xp: ModuleType, x, mean: bool = True):
     """``[..., N, D]`` -> ``[..., D, D]`` float32 covariance ``xc^T xc / N`` (one batched GEMM)."""
     x = xp.asarray(x, dtype=xp.float32)
@@ -699,4 +742,4 @@ def batched_covariance(xp: ModuleType, x, mean: bool = True):
     if n == 0:
         raise ValueError("batched_covariance: N must be positive")
     xc = x - x.mean(axis=-2, keepdims=True) if mean else x
-    return xp.matmul(xc.swapaxes(-1, -2), xc) / xp.float32(n)
+    return batched_gram(xp, xc) / xp.float32(n)

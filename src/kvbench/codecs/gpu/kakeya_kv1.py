@@ -1,4 +1,4 @@
-"""Kakeya KV1 (kakeya.py): the spherical K-means Lloyd loop and the per-row codes on the device.
+"""Kakeya KV1 (kakeya.py) on the device: the spherical K-means loop, row passes and the decoder.
 
 The CuPy array path ran each Lloyd iteration as a dozen batched launches over [P, K, N]
 temporaries plus host syncs (convergence, empty clusters, cycle checks) and its codes through a
@@ -10,11 +10,16 @@ in shared memory; a lane owns a row for the dot products (centres broadcast from
 and a column for the member sums (per-warp float partials, added across warps in order in
 float64: deterministic, no atomics on values). Only a problem's own d_eff columns are read. The
 farthest-first init makes one pass for centre 0, then refreshes only the rows that can still be
-the next arg-min (exact; a pass per centre would stream the rows 15 more times). ``kv1_codes``:
-same tiles; seg, t, residual and its top-|r| selection per row. ``kv1_coeffs``: the decoder's
-coefficient rows. ``kv1_row_norms``, ``kv1_sub_outer``: one-pass stand-ins for CuPy einsum and
-broadcast temporaries. Only float32 summation orders differ from NumPy (sequential FMAs here);
-products and sums that NumPy rounds separately use __fmul_rn/__fadd_rn.
+the next arg-min (exact; a pass per centre would stream the rows 15 more times). Measured on an
+H100 and dropped: rows resident in the shared memory of a 2-8 CTA thread-block cluster (1.7-4.8x
+slower: one problem per SM leaves the loop's barrier-bound phases unhidden) and an asynchronous
+next-tile prefetch (1.2x slower: two blocks per SM instead of three). ``kv1_codes``: same tiles;
+seg, t, residual and its top-|r| selection per row. ``kv1_split``: the encoder's temporal split,
+row norms and unit rows in one pass. ``kv1_decode``: coefficient rows, basis product and mean
+straight into the output rows; ``kv1_coeffs`` (coefficient rows only) where it does not fit.
+``kv1_row_norms``, ``kv1_sub_outer``: one-pass stand-ins for CuPy einsum and broadcast
+temporaries. Only float32 summation orders differ from NumPy (sequential FMAs here); products
+and sums that NumPy rounds separately use __fmul_rn/__fadd_rn.
 """
 
 from __future__ import annotations
@@ -211,6 +216,8 @@ extern "C" __global__ void kakeya_kmeans(
     unsigned char *Ab = smem + off;
     off = al16(off + 4 * (size_t)N);
     unsigned char *vld = smem + off;
+    off = al16(off + (size_t)N);
+    int *lst = reinterpret_cast<int *>(smem + off);  // rows to refresh (init), then the count
 
     const float *rows = U + (size_t)p * N * DP;
     const int ka = kact[p], dpp = dppa[p], nch = (N + 31) >> 5, KD = KM * DP;
@@ -253,19 +260,28 @@ extern "C" __global__ void kakeya_kmeans(
             float vsel = 0.f;
             for (int r = 0; k > 0; ++r) {
                 const float T = r == 0 ? -KINF : r < 8 ? vsel + ldexpf(1.f, r - 7) : KINF;
-                float bv = KINF;
-                bi = 0x7fffffff;
-                for (int n = tid; n < N; n += NT) {
-                    if (!vld[n]) continue;
-                    float m = maxc[n];
-                    if (kn[n] < k && m <= T) {
+                // the stale rows under T, listed (in any order: each refresh is independent), then
+                // refreshed 32 at a time by the lanes of a warp instead of one by one per thread
+                if (r > 0) {
+                    if (tid == 0) lst[N] = 0;
+                    __syncthreads();
+                    for (int n = tid; n < N; n += NT)
+                        if (vld[n] && kn[n] < k && maxc[n] <= T) lst[atomicAdd(&lst[N], 1)] = n;
+                    __syncthreads();
+                    for (int q = tid; q < lst[N]; q += NT) {
+                        const int n = lst[q];
+                        float m = maxc[n];
                         for (int c = kn[n]; c < k; ++c)
                             m = fmaxf(m, row_dot(rows + (size_t)n * DP, Cb + c * DP, dpp));
                         maxc[n] = m;
                         kn[n] = (unsigned char)k;
                     }
-                    if (m < bv) { bv = m; bi = n; }
+                    __syncthreads();
                 }
+                float bv = KINF;
+                bi = 0x7fffffff;
+                for (int n = tid; n < N; n += NT)
+                    if (vld[n] && maxc[n] < bv) { bv = maxc[n]; bi = n; }
                 sel = block_argmin(bv, bi, rv, ri, lane, w);
                 vsel = maxc[sel];
                 const bool fresh = kn[sel] == k;
@@ -516,6 +532,42 @@ extern "C" __global__ void kakeya_codes(
     }
 }
 
+// The encoder's per-row pass over the coefficients A (R rows of W floats, row r of problem r / N;
+// a warp a row), one read instead of four array passes: alpha = A.t_dir (lane partials, then a
+// shuffle tree), P = A - alpha t_dir (NumPy's roundings; P = A without t_dir), ||P|| (the order
+// of kakeya_row_norms) and the unit row U = P * (1 / ||P||) where ||P|| > eps, else zero.
+extern "C" __global__ void kakeya_split(const float *__restrict__ A, const float *__restrict__ tdir,
+                                        float *__restrict__ alpha, float *__restrict__ P,
+                                        float *__restrict__ nrm, float *__restrict__ U,
+                                        const long long R, const int N, const int W,
+                                        const int has_tdir, const float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * NW + (threadIdx.x >> 5);
+    if (r >= R) return;
+    const float *a = A + r * W, *td = tdir + (r / N) * W;
+    float al = 0.f;
+    if (has_tdir) {
+        for (int j = lane; j < W; j += 32) al = fmaf(a[j], td[j], al);
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) al += __shfl_xor_sync(FULL, al, o);
+        if (lane == 0) alpha[r] = al;
+    }
+    float s = 0.f;
+    for (int j = lane; j < W; j += 32) {
+        const float x = has_tdir ? __fsub_rn(a[j], __fmul_rn(al, td[j])) : a[j];
+        P[r * W + j] = x;
+        s = fmaf(x, x, s);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL, s, o);
+    const float n = sqrtf(s), sc = n > eps ? 1.f / n : 0.f;
+    if (lane == 0) nrm[r] = n;
+    for (int j = lane; j < W; j += 32) {
+        const float x = has_tdir ? __fsub_rn(a[j], __fmul_rn(al, td[j])) : a[j];
+        U[r * W + j] = __fmul_rn(x, sc);
+    }
+}
+
 // Row norms sqrt(sum v^2) of R rows of W floats (a warp a row).
 extern "C" __global__ void kakeya_row_norms(const float *__restrict__ v, float *__restrict__ out,
                                             const long long R, const int W) {
@@ -568,6 +620,73 @@ extern "C" __global__ void kakeya_coeffs(
         out[row * DC + j] = a;
     }
 }
+
+// The whole decoder of a problem's rows in one pass (a thread a row; blockIdx.x the problem,
+// blockIdx.y a chunk of NT rows): the coefficient row as kakeya_coeffs builds it (in shared
+// memory), times the basis (sequential FMAs over the coefficients, 16 outputs at a time, basis
+// rows broadcast from shared memory), + mean, written straight to the row's place in the output
+// (no [P, N, d] or [P, N, D] temporaries). pooled: row n of problem p is head n / B of block p,
+// else problem p is head p / nb of block p % nb. D % 16 == 0; CS, RS: odd strides.
+extern "C" __global__ void kakeya_decode(
+    const float *__restrict__ vals, const IDXT *__restrict__ idx, const SEGT *__restrict__ seg,
+    const float *__restrict__ t, const float *__restrict__ C, const float *__restrict__ alpha,
+    const float *__restrict__ tdir, const float *__restrict__ basis, const float *__restrict__ mean,
+    float *__restrict__ out, const int N, const int DC, const int D, const int KC, const int kk,
+    const int has_tdir, const int pooled, const int B, const int nb, const long long T,
+    const int CS, const int RS) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int p = blockIdx.x, tid = threadIdx.x, n = blockIdx.y * NT + tid;
+    float *bs = reinterpret_cast<float *>(smem);  // basis [DC][D]
+    float *cs = bs + DC * D;                        // centres [KC][CS]
+    float *ms = cs + KC * CS;                       // mean [D]
+    float *ts = ms + D;                             // t_dir [DC]
+    float *c = ts + DC + tid * RS;                  // this row's coefficients
+    for (int e = tid; e < DC * D; e += NT) bs[e] = basis[(size_t)p * DC * D + e];
+    for (int e = tid; e < KC * DC; e += NT) {
+        const int k = e / DC, j = e - k * DC;
+        cs[k * CS + j] = C[(size_t)p * KC * DC + e];
+    }
+    for (int j = tid; j < D; j += NT) ms[j] = mean[(size_t)p * D + j];
+    for (int j = tid; j < DC; j += NT) ts[j] = has_tdir ? tdir[(size_t)p * DC + j] : 0.f;
+    __syncthreads();
+    if (n >= N) return;
+    const size_t row = (size_t)p * N + n;
+    for (int j = 0; j < DC; ++j) c[j] = 0.f;
+    for (int q = 0; q < kk; ++q) c[(int)idx[row * kk + q]] = vals[row * kk + q];
+    const float tt = t[row], al = has_tdir ? alpha[row] : 0.f;
+    const float *cc = cs + (int)seg[row] * CS;
+    for (int j = 0; j < DC; ++j) {
+        float a = __fadd_rn(c[j], __fmul_rn(tt, cc[j]));
+        if (has_tdir) a = __fadd_rn(a, __fmul_rn(al, ts[j]));
+        c[j] = a;
+    }
+    const long long h = pooled ? n / B : p / nb, b = pooled ? p : p % nb, r = pooled ? n % B : n;
+    float *o = out + ((size_t)h * T + (size_t)b * B + r) * D;
+    for (int j0 = 0; j0 < D; j0 += 16) {
+        float acc[16];
+        #pragma unroll
+        for (int q = 0; q < 16; ++q) acc[q] = 0.f;
+        for (int i = 0; i < DC; ++i) {
+            const float ci = c[i];
+            const float4 *b4 = reinterpret_cast<const float4 *>(bs + i * D + j0);
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float4 v = b4[q];
+                acc[4 * q] = fmaf(ci, v.x, acc[4 * q]);
+                acc[4 * q + 1] = fmaf(ci, v.y, acc[4 * q + 1]);
+                acc[4 * q + 2] = fmaf(ci, v.z, acc[4 * q + 2]);
+                acc[4 * q + 3] = fmaf(ci, v.w, acc[4 * q + 3]);
+            }
+        }
+        #pragma unroll
+        for (int q = 0; q < 4; ++q)
+            reinterpret_cast<float4 *>(o + j0)[q] =
+                make_float4(__fadd_rn(acc[4 * q], ms[j0 + 4 * q]),
+                            __fadd_rn(acc[4 * q + 1], ms[j0 + 4 * q + 1]),
+                            __fadd_rn(acc[4 * q + 2], ms[j0 + 4 * q + 2]),
+                            __fadd_rn(acc[4 * q + 3], ms[j0 + 4 * q + 3]));
+    }
+}
 """
 
 
@@ -593,7 +712,8 @@ def _kv1_kmeans_smem(n: int, dp: int, km: int) -> int:
     off = al(off + 4 * (nw + 1))
     off = al(off + 4 * (nw + 1))
     off = al(off + 4 * n)
-    return off + n
+    off = al(off + n)
+    return off + 4 * (n + 1)
 
 
 def _kv1_codes_layout(dp: int, kk: int) -> tuple[int, int, int]:
@@ -752,9 +872,84 @@ def kv1_coeffs(cp: ModuleType, seg, t, C, vals=None, idx=None, alpha=None, tdir=
     return out
 
 
+def _kv1_decode_smem(dc: int, d: int, kc: int) -> int:
+    return 4 * (dc * d + kc * (dc | 1) + d + dc + _KV1_THREADS * (dc | 1))
+
+
+def kv1_decode_ok(xp: ModuleType, dc: int, d: int, kc: int) -> bool:
+    """Whether ``kv1_decode`` takes coefficient width ``dc``, head_dim ``d`` and ``kc`` centres
+    (CuPy only)."""
+    return xp is not np and d % 16 == 0 and _kv1_decode_smem(dc, d, kc) <= SMEM_LIMIT
+
+
+def kv1_decode(cp: ModuleType, a: dict, out, pooled: bool, B: int, nb: int) -> None:
+    """Decode every problem of the arrays ``a`` (``seg``, ``t``, ``centres``, ``basis``,
+    ``mean``; ``res_vals``/``res_idx``, ``alpha``/``tdir`` if stored) straight into their rows of
+    ``out [n_kv, T, D]`` (see ``kakeya_decode`` in the source)."""
+    P, N = (int(s) for s in a["seg"].shape)
+    kc, dc = (int(s) for s in a["centres"].shape[1:])
+    T, D = (int(s) for s in out.shape[1:])
+    if not P * N:
+        return
+    kk = int(a["res_vals"].shape[2]) if "res_vals" in a else 0
+    vals = cp.ascontiguousarray(a["res_vals"]) if kk else cp.zeros(1, cp.float32)
+    idx = cp.ascontiguousarray(a["res_idx"]) if kk else cp.zeros(1, cp.uint8)
+    seg = cp.ascontiguousarray(a["seg"])
+    has_tdir = "tdir" in a
+    defines = {"NT": _KV1_THREADS, "KM": 16, "CW": _KV1_CW, "KK": 1}
+    defines |= {"SEGT": _KV1_TYPES[seg.dtype.name], "IDXT": _KV1_TYPES[idx.dtype.name]}
+    smem = _kv1_decode_smem(dc, D, kc)
+    f32 = cp.float32
+    args = (
+        vals,
+        idx,
+        seg,
+        cp.ascontiguousarray(a["t"], dtype=f32),
+        cp.ascontiguousarray(a["centres"], dtype=f32),
+        cp.ascontiguousarray(a["alpha"], dtype=f32) if has_tdir else vals,
+        cp.ascontiguousarray(a["tdir"], dtype=f32) if has_tdir else vals,
+        cp.ascontiguousarray(a["basis"], dtype=f32),
+        cp.ascontiguousarray(a["mean"], dtype=f32),
+        out,
+        np.int32(N),
+        np.int32(dc),
+        np.int32(D),
+        np.int32(kc),
+        np.int32(kk),
+        np.int32(has_tdir),
+        np.int32(pooled),
+        np.int32(B),
+        np.int32(nb),
+        np.int64(T),
+        np.int32(dc | 1),
+        np.int32(dc | 1),
+    )
+    grid = (P, -(-N // _KV1_THREADS))
+    _kv1_kernel(cp, "kakeya_decode", defines, smem)(grid, (_KV1_THREADS,), args, shared_mem=smem)
+
+
 def _kv1_simple(cp: ModuleType, name: str):
     defines = {"NT": _KV1_THREADS, "KM": 16, "CW": _KV1_CW, "KK": 1, "SEGT": "int", "IDXT": "int"}
     return _kv1_kernel(cp, name, defines)
+
+
+def kv1_split(cp: ModuleType, A, tdir, eps: float):
+    """``(alpha [P, N] or None, P [P, N, W], ||P|| [P, N], U [P, N, W])`` of ``A [P, N, W]``
+    in one pass: ``alpha = A t_dir``, ``P = A - alpha t_dir^T`` (``A`` when ``tdir`` is None),
+    the row norms and the unit rows (zero where the norm is <= ``eps``)."""
+    A = cp.ascontiguousarray(A, dtype=cp.float32)
+    P_, N, W = (int(s) for s in A.shape)
+    has_tdir = tdir is not None
+    alpha = cp.empty((P_, N), dtype=cp.float32) if has_tdir else None
+    Pp, U = cp.empty_like(A), cp.empty_like(A)
+    nrm = cp.empty((P_, N), dtype=cp.float32)
+    if A.size:
+        td = cp.ascontiguousarray(tdir, dtype=cp.float32) if has_tdir else A
+        nw = _KV1_THREADS // 32
+        args = (A, td, alpha if has_tdir else nrm, Pp, nrm, U, np.int64(P_ * N), np.int32(N))
+        args += (np.int32(W), np.int32(has_tdir), np.float32(eps))
+        _kv1_simple(cp, "kakeya_split")((-(-P_ * N // nw),), (_KV1_THREADS,), args)
+    return alpha, Pp, nrm, U
 
 
 def kv1_row_norms(cp: ModuleType, v):
