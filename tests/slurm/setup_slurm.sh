@@ -42,9 +42,11 @@ skip() {
     exit $SKIP
 }
 
-pid_of() { # pidfile -> the pid it names, if that process is running
+pid_of() { # pidfile -> the pid it names, if that process is running and is the daemon named
+    # by the file (slurmd.pid -> slurmd): a stale file's pid may since belong to anything else
     local pid
-    pid=$(cat "$1" 2>/dev/null) && [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    pid=$(cat "$1" 2>/dev/null) && [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null &&
+        [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$(basename "$1" .pid)" ]] && echo "$pid"
 }
 pid_alive() { pid_of "$1" >/dev/null; }
 
