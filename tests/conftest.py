@@ -1,4 +1,5 @@
-"""Shared fixtures: the real embedded SmolLM2-135M, fetched once into the repo's resources/."""
+"""Shared fixtures: the real embedded SmolLM2-135M, fetched once into the repo's resources/, and
+CuPy for the GPU tests."""
 
 from __future__ import annotations
 
@@ -44,3 +45,14 @@ def smollm2_workdir(smollm2_dir: Path, tmp_path: Path) -> Path:
         if not f.name.startswith(".") or f.name == ".fetched.json":
             (mdir / f.name).symlink_to(f)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def cp():
+    """CuPy with a usable CUDA GPU; the test is skipped (with the reason) where there is none."""
+    from kvbench.backend import _cupy_or_none
+
+    mod = _cupy_or_none()
+    if mod is None:
+        pytest.skip("no CUDA GPU usable through CuPy (install cupy and check nvidia-smi)")
+    return mod

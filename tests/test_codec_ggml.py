@@ -122,12 +122,7 @@ def test_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", ["q8_0", "q4_0"])
-def test_cupy_matches_numpy(t):
-    from kvbench.backend import _cupy_or_none
-
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
+def test_cupy_matches_numpy(cp, t):
     x = data((4, 300, 128))
     c_np = ggml(t)
     c_cp = build_from_spec(t, {"family": "ggml", "type": t}, cp)

@@ -641,12 +641,7 @@ def test_bad_input_shape():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["kakeya", "kakeya_v1"])
-def test_cupy_matches_numpy(preset):
-    from kvbench.backend import _cupy_or_none
-
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
+def test_cupy_matches_numpy(cp, preset):
     rng = np.random.default_rng(10)
     x = kv_like(rng, 2, 4 * 512 + 256, 64)
     c_np = build_codec(preset, CONFIG)
@@ -669,17 +664,13 @@ def test_cupy_matches_numpy(preset):
 
 
 @pytest.mark.gpu
-def test_gpu_kmeans_kernel_matches_numpy():
+def test_gpu_kmeans_kernel_matches_numpy(cp):
     """kakeya_kv1.kv1_kmeans (the whole Lloyd loop on the device) against NumPy's spherical_kmeans
     on KV-like directions (pooled problems of 1536 rows): the same assignments on >= 99.9% of
     the rows, the same iteration counts on >= 90% of the problems, and centres equal to float32
     round-off in the problems that agree; problems left out of ``live`` stay zero."""
-    from kvbench.backend import _cupy_or_none
     from kvbench.codecs.gpu import kakeya_kv1
 
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
     rng = np.random.default_rng(14)
     U, valid, k_act, d_eff = kv1_directions(ar1_kv(rng, 3, 24 * 512 + 256, 64), 512)
     P, N, d = U.shape
@@ -700,15 +691,11 @@ def test_gpu_kmeans_kernel_matches_numpy():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_tdir", [True, False])
-def test_gpu_split_kernel(with_tdir):
+def test_gpu_split_kernel(cp, with_tdir):
     """kv1_split (temporal split, row norms and unit rows in one pass) against the array ops it
     replaces; zero rows get a zero unit row. And the cuBLAS Gram against NumPy."""
-    from kvbench.backend import _cupy_or_none
     from kvbench.codecs.gpu import kakeya_kv1
 
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
     rng = np.random.default_rng(16)
     A = rng.standard_normal((5, 300, 44)).astype(np.float32)
     A[1, 7] = 0.0
@@ -738,17 +725,12 @@ def test_gpu_split_kernel(with_tdir):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["kakeya", "kakeya_v1"])
-def test_gpu_decode_kernel_matches_numpy(preset):
+def test_gpu_decode_kernel_matches_numpy(cp, preset):
     """kv1_decode (coefficient rows, basis product and mean in one pass, written to each row's
     place) decodes NumPy's encoding of both layouts (pooled heads, per head) to NumPy's rows up to
     float32 summation order."""
     import dataclasses
 
-    from kvbench.backend import _cupy_or_none
-
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
     rng = np.random.default_rng(17)
     x = kv_like(rng, 3, 3 * 512 + 300, 64)
     c_np, c_cp = build_codec(preset, CONFIG), build_codec(preset, CONFIG, xp=cp)

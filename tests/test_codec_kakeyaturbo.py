@@ -532,12 +532,7 @@ def test_batched_equals_codec_run_per_block():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", [FIXED, LEGACY], ids=["fixed", "legacy"])
-def test_cupy_matches_numpy(spec):
-    from kvbench.backend import _cupy_or_none
-
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
+def test_cupy_matches_numpy(cp, spec):
     x = lowrank(4, 2048, 64, decay=6.0, seed=13)
     cn, cg = build_from_spec("n", spec, np), build_from_spec("g", spec, cp)
     for stream in ("k", "v"):
@@ -554,15 +549,6 @@ def test_cupy_matches_numpy(spec):
         assert same > 0.9
 
 
-def _gpu():
-    from kvbench.backend import _cupy_or_none
-
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
-    return cp
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "spec,shape",
@@ -574,13 +560,12 @@ def _gpu():
         ({"block_size": 64, "k": 1, "bit_width": 1, "kmeans_max_iter": 0}, (1, 256, 16)),
     ],
 )
-def test_gpu_kernels_match_numpy_codes(spec, shape):
+def test_gpu_kernels_match_numpy_codes(cp, spec, shape):
     # kernels.kt_encode_blocks / kt_decode_blocks on the NumPy path's own fit and coefficients:
     # the same K-means decisions and codes (only float32 summation orders differ), and decoding
     # the NumPy encoding reproduces the NumPy decode to round-off
     from kvbench.codecs.gpu.kakeyaturbo import kt_decode_blocks, kt_encode_blocks, kt_pad
 
-    cp = _gpu()
     x = lowrank(*shape, decay=4.0, seed=21)
     x[0, :40] = 0.0  # rows without a direction (invalid for K-means, zero residual)
     for stream in ("k", "v"):
@@ -599,7 +584,8 @@ def test_gpu_kernels_match_numpy_codes(spec, shape):
         coef4 = np.zeros(coef.shape[:2] + (dp4,), np.float32)
         coef4[..., :dp] = coef
         tabs = kt._kt_tables(cp, cfg["seed"], bs, next_pow2(dp), p["bit_width"])
-        norm_mode = (2 if p["wht_scale"] == "fixed" else 1) if cfg["norm_used"] else 0
+        opts = c._kt_encode_options(cfg)
+        norm_mode = opts["norm_mode"]
         out = kt_encode_blocks(
             cp,
             cp.asarray(coef4),
@@ -607,12 +593,7 @@ def test_gpu_kernels_match_numpy_codes(spec, shape):
             cp.asarray(d_eff.astype(np.int32)),
             tabs["signs"],
             tabs["mids"],
-            k=p["k"],
-            bits=p["bit_width"],
-            max_iter=p["kmeans_max_iter"],
-            round16=p["skeleton_dtype"] == "f16",
-            legacy_scale=p["wht_scale"] == "legacy_sqrtN",
-            norm_mode=norm_mode,
+            **opts,
         )
         g = {k: cp.asnumpy(v) for k, v in out.items() if v is not None}
         assert np.array_equal(g["k_eff"], k_eff)
@@ -647,10 +628,9 @@ def test_gpu_kernels_match_numpy_codes(spec, shape):
 
 
 @pytest.mark.gpu
-def test_gpu_chunked_and_fallback_paths(monkeypatch):
+def test_gpu_chunked_and_fallback_paths(cp, monkeypatch):
     # tiny chunks (several projection + kernel launches) and a block size the kernels do not
     # take (the array path) give the same bytes and errors as one pass
-    cp = _gpu()
     x = lowrank(2, 2048, 64, decay=5.0, seed=22)
     for params in ({}, {"block_size": 1024}):
         c = build_from_spec("g", {"family": "kakeyaturbo", **params}, cp)
@@ -666,10 +646,9 @@ def test_gpu_chunked_and_fallback_paths(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(5, 300, 32), (1, 2000, 16), (3, 100, 48), (2, 512, 128)])
-def test_gpu_mean_gram(shape, monkeypatch):
+def test_gpu_mean_gram(cp, shape, monkeypatch):
     # kt_block_gram through _mean_gram: per-entry and pooled (512-row runs recombined), also in
     # chunks, against a float64 reference
-    cp = _gpu()
     rng = np.random.default_rng(23)
     x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
     xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=1, keepdims=True)
@@ -683,10 +662,9 @@ def test_gpu_mean_gram(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_d_eff_rule_matches_host():
+def test_gpu_d_eff_rule_matches_host(cp):
     from kvbench.codecs.gpu.kakeyaturbo import kt_d_eff
 
-    cp = _gpu()
     rng = np.random.default_rng(24)
     w = np.sort(rng.standard_normal((4000, 64)).astype(np.float32) ** 3, axis=1)  # some < 0
     w[0], w[1] = 0.0, 1e-9  # total <= EPS -> 1

@@ -393,13 +393,8 @@ def test_bad_params_and_streams():
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["prototype", "llamacpp"])
 @pytest.mark.parametrize("hd", [64, 96, 256])
-def test_cupy_matches_numpy(variant, hd):
+def test_cupy_matches_numpy(cp, variant, hd):
     """Same code on CuPy: identical bytes, >99.9% identical indices (float32 midpoint flips)."""
-    from kvbench.backend import _cupy_or_none
-
-    cp = _cupy_or_none()
-    if cp is None:
-        pytest.skip("no CUDA GPU usable through CuPy")
     x = keys_like(shape=(2, 2000, hd))
     for b in (2, 3, 4):
         spec = {"family": "turboquant", "bits": b, "variant": variant}

@@ -34,7 +34,6 @@ import numpy as np
 import pytest
 import yaml
 
-from kvbench.backend import _cupy_or_none
 from kvbench.codecs.base import STREAMS, Encoded, build_codec, resolve_spec
 
 pytestmark = pytest.mark.gpu
@@ -42,14 +41,6 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
 CODECS = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["codecs"]
 SHAPES = {"smollm2": (3, 2048, 64), "gemma": (1, 2048, 256)}
-
-
-@pytest.fixture(scope="module")
-def cp():
-    mod = _cupy_or_none()
-    if mod is None:
-        pytest.skip("no CUDA GPU usable through CuPy (install cupy and check nvidia-smi)")
-    return mod
 
 
 def kv_like(shape, seed: int) -> np.ndarray:

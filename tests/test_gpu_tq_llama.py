@@ -18,20 +18,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvbench.backend import _cupy_or_none
 from kvbench.codecs.base import Encoded, build_codec
 from kvbench.codecs.gpu import turboquant_llama as kernels
 from kvbench.codecs.turboquant import unpack_codes
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cp():
-    mod = _cupy_or_none()
-    if mod is None:
-        pytest.skip("no CUDA GPU usable through CuPy (install cupy and check nvidia-smi)")
-    return mod
 
 
 def kv_rows(n: int, d: int, seed: int) -> np.ndarray:

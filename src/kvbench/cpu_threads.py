@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
+
+from kvbench.native_libs import loaded_libraries
 
 
 @lru_cache(maxsize=4)
@@ -78,11 +79,8 @@ def _openblas_thread_fns():
         _BLAS_FNS.append(None)
         try:
             import ctypes
-            import re
 
-            maps = Path("/proc/self/maps").read_text()
-            for lib in sorted(set(re.findall(r"(/\S*openblas\S*\.so[.\d]*)", maps))):
-                dll = ctypes.CDLL(lib)
+            for dll in loaded_libraries("openblas"):
                 for prefix, suffix in (
                     ("scipy_openblas", "64_"),
                     ("openblas", ""),

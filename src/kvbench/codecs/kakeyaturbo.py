@@ -124,9 +124,11 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-def kt_code_nbytes(d_eff: int, bit_width: int) -> int:
-    """Rust ``Code.nbytes``: u32 seg_id + 3 x f16 (alpha, t, norm) + ``ceil(wht_len*b/8)``."""
-    return 4 + 6 + packed_nbytes(next_pow2(d_eff), bit_width)
+def kt_code_nbytes(d_eff, bit_width: int):
+    """Rust ``Code.nbytes``: u32 seg_id + 3 x f16 (alpha, t, norm) + ``ceil(wht_len*b/8)``, for an
+    int ``d_eff`` (an int) or a host int array of them (an int64 array)."""
+    n = 4 + 6 + (next_pow2_array(d_eff) * int(bit_width) + 7) // 8
+    return int(n) if np.ndim(d_eff) == 0 else n
 
 
 def kt_legacy_stream_bytes(
@@ -162,7 +164,7 @@ def kt_legacy_stream_bytes(
         skel = int((s * (dim + de * dim + k_effs * de)).sum())
     if rows.size != n_blocks:
         raise ValueError(f"{rows.size} row counts for {n_blocks} blocks")
-    per_row = 4 + 6 + (next_pow2_array(de) * int(bit_width) + 7) // 8  # kt_code_nbytes
+    per_row = kt_code_nbytes(de, bit_width)
     codes = int((rows * per_row).sum())
     tail = int(tail_rows) * dim
     return {"skeleton": skel, "codes": codes, "tail": tail, "total": skel + codes + tail}
@@ -726,6 +728,18 @@ class KakeyaTurbo(Codec):
             codes["norm"] = inv.astype(xp.float16)
         return codes, seg, centres_r, k_eff
 
+    def _kt_encode_options(self, cfg: dict) -> dict[str, Any]:
+        """Keyword arguments of ``kt_encode_blocks`` for a stream configured as ``cfg``."""
+        p = self.params
+        return {
+            "k": p["k"],
+            "bits": p["bit_width"],
+            "max_iter": p["kmeans_max_iter"],
+            "round16": p["skeleton_dtype"] == "f16",
+            "legacy_scale": p["wht_scale"] == "legacy_sqrtN",
+            "norm_mode": (2 if p["wht_scale"] == "fixed" else 1) if cfg["norm_used"] else 0,
+        }
+
     def _code_blocks_fused(self, blocks, fit: PcaFit, d_eff: np.ndarray, cfg: dict):
         """:meth:`_code_blocks` on CuPy: per chunk of blocks one projection GEMM and one
         ``kt_encode_blocks`` launch (K-means to convergence, residual code, packing); one host
@@ -739,7 +753,7 @@ class KakeyaTurbo(Codec):
         bt = xp.zeros((fit.basis.shape[0], d, dp4), dtype=xp.float32)  # zero columns >= d_pad
         bt[:, :, :dp] = fit.basis.transpose(0, 2, 1)
         d_eff_dev = xp.asarray(d_eff.astype(np.int32))
-        norm_mode = (2 if p["wht_scale"] == "fixed" else 1) if cfg["norm_used"] else 0
+        opts = self._kt_encode_options(cfg)
         parts = []
         step = _chunk(xp, n_full, 4 * bs * (2 * d + dp4))
         for s in range(0, n_full, step):
@@ -756,17 +770,12 @@ class KakeyaTurbo(Codec):
                     d_eff_dev[s : s + step],
                     tabs["signs"],
                     tabs["mids"],
-                    k=p["k"],
-                    bits=p["bit_width"],
-                    max_iter=p["kmeans_max_iter"],
-                    round16=p["skeleton_dtype"] == "f16",
-                    legacy_scale=p["wht_scale"] == "legacy_sqrtN",
-                    norm_mode=norm_mode,
+                    **opts,
                 )
             )
         out = join_chunks(xp, parts)
         codes = {"res_packed": out["packed"], "t": out["t"]}
-        if norm_mode:
+        if opts["norm_mode"]:
             codes["norm"] = out["norm"]
         k_eff = to_numpy(out["k_eff"]).astype(np.int64)
         return codes, out["seg"], xp.ascontiguousarray(out["centres"][:, :, :dp]), k_eff

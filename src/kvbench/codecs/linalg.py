@@ -56,6 +56,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kvbench.codecs.gpu.compile import SMEM_LIMIT, compiled
+from kvbench.native_libs import loaded_libraries
 
 __all__ = [
     "JACOBI_PLANS",
@@ -548,23 +549,15 @@ def _syevb_lib(cp):
     """``(libcusolver, params)`` with ``cusolverDnXsyevBatched`` bound, or ``(None, None)``.
 
     CuPy 14 does not wrap the batched solver, so it is called through ctypes on the very
-    libcusolver CuPy loaded (found in the process's memory map after CuPy creates its handle).
+    libcusolver CuPy loaded (:func:`kvbench.native_libs.loaded_libraries`).
     """
     dev = cp.cuda.Device().id
     if dev in _SYEVB:
         return _SYEVB[dev]
-    lib = params = None
-    cp.cuda.device.get_cusolver_handle()
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {ln.split()[-1] for ln in maps if "libcusolver.so" in ln}
-    except OSError:
-        paths = set()
-    for path in sorted(paths):
-        cand = ctypes.CDLL(path)
-        if hasattr(cand, "cusolverDnXsyevBatched"):
-            lib = cand
-            break
+    params = None
+    cp.cuda.device.get_cusolver_handle()  # CuPy loads libcusolver on first use
+    libs = loaded_libraries("libcusolver")
+    lib = next((c for c in libs if hasattr(c, "cusolverDnXsyevBatched")), None)
     if lib is not None:
         i64, cint = ctypes.c_int64, ctypes.c_int
         common = [_VP, _VP, cint, cint, i64, cint, _VP, i64, cint, _VP, cint]
@@ -589,20 +582,20 @@ def cusolver_batched_ok(xp: ModuleType) -> bool:
     return xp is not np and _syevb_lib(xp)[0] is not None
 
 
-def _syevb_call(cp, lib, params, a, w, nb: int, d: int, query: bool):
-    """One ``cusolverDnXsyevBatched`` (or its ``_bufferSize`` query) on ``a [nb, D, D]``."""
-    handle = _VP(cp.cuda.device.get_cusolver_handle())
-    if lib.cusolverDnSetStream(handle, _VP(cp.cuda.get_current_stream().ptr)) != 0:
-        raise RuntimeError("batched_eigh: cusolverDnSetStream failed")
-    head = (handle, params, _EIG_VECTOR, _FILL_UPPER, d, _R32F, a.data.ptr, d, _R32F)
-    head = (*head, w.data.ptr, _R32F)
-    if query:
-        dev, host = _SIZE(), _SIZE()
-        st = lib.cusolverDnXsyevBatched_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host), nb)
-        if st != 0:
-            raise RuntimeError(f"batched_eigh: cusolverDnXsyevBatched_bufferSize status {st}")
-        return dev.value, host.value
-    return head
+def _syevb_args(handle, params, a, w, d: int) -> tuple:
+    """The leading arguments (through the compute type) of the solver and its size query, for
+    the matrices from ``a`` (``[.., D, D]`` float32) and eigenvalues into ``w``."""
+    mats = (_R32F, a.data.ptr, d)  # type, pointer, leading dimension
+    return (handle, params, _EIG_VECTOR, _FILL_UPPER, d, *mats, _R32F, w.data.ptr, _R32F)
+
+
+def _syevb_workspace(lib, args: tuple, nb: int) -> tuple[int, int]:
+    """``(device bytes, host bytes)`` a solve of ``nb`` matrices needs."""
+    dev, host = _SIZE(), _SIZE()
+    st = lib.cusolverDnXsyevBatched_bufferSize(*args, ctypes.byref(dev), ctypes.byref(host), nb)
+    if st != 0:
+        raise RuntimeError(f"batched_eigh: cusolverDnXsyevBatched_bufferSize status {st}")
+    return dev.value, host.value
 
 
 def _syev_batched(cp, a3):
@@ -616,24 +609,28 @@ def _syev_batched(cp, a3):
     nb, d = a3.shape[0], a3.shape[-1]
     v = a3.copy()  # overwritten with the eigenvectors
     w = cp.empty((nb, d), dtype=cp.float32)
-    info = cp.zeros(max(nb, 1), dtype=cp.int32)
-    if nb:
-        dev1, _ = _syevb_call(cp, lib, params, v, w, 1, d, True)
-        chunk = max(1, min(nb, _SYEVB_WORKSPACE_MAX // max(dev1, 1)))
-        dev_b, host_b = _syevb_call(cp, lib, params, v, w, chunk, d, True)
-        work = cp.empty(max(dev_b, 1), dtype=cp.uint8)
-        host = ctypes.create_string_buffer(max(host_b, 1))
-        for s in range(0, nb, chunk):
-            n = min(chunk, nb - s)
-            head = _syevb_call(cp, lib, params, v[s:], w[s:], n, d, False)
-            st = lib.cusolverDnXsyevBatched(
-                *head, work.data.ptr, dev_b, ctypes.cast(host, _VP), host_b, info[s:].data.ptr, n
-            )
-            if st != 0:
-                raise RuntimeError(f"batched_eigh: cusolverDnXsyevBatched status {st}")
-        bad = int(cp.count_nonzero(info))
-        if bad:
-            raise RuntimeError(f"batched_eigh: cuSOLVER did not converge on {bad} of {nb} matrices")
+    if not nb:
+        return w, v.transpose(0, 2, 1)
+    handle = _VP(cp.cuda.device.get_cusolver_handle())
+    if lib.cusolverDnSetStream(handle, _VP(cp.cuda.get_current_stream().ptr)) != 0:
+        raise RuntimeError("batched_eigh: cusolverDnSetStream failed")
+    per_matrix, _ = _syevb_workspace(lib, _syevb_args(handle, params, v, w, d), 1)
+    chunk = max(1, min(nb, _SYEVB_WORKSPACE_MAX // max(per_matrix, 1)))
+    dev_b, host_b = _syevb_workspace(lib, _syevb_args(handle, params, v, w, d), chunk)
+    work = cp.empty(max(dev_b, 1), dtype=cp.uint8)
+    host = ctypes.create_string_buffer(max(host_b, 1))
+    info = cp.zeros(nb, dtype=cp.int32)
+    for s in range(0, nb, chunk):
+        n = min(chunk, nb - s)
+        args = _syevb_args(handle, params, v[s:], w[s:], d)
+        st = lib.cusolverDnXsyevBatched(
+            *args, work.data.ptr, dev_b, ctypes.cast(host, _VP), host_b, info[s:].data.ptr, n
+        )
+        if st != 0:
+            raise RuntimeError(f"batched_eigh: cusolverDnXsyevBatched status {st}")
+    bad = int(cp.count_nonzero(info))
+    if bad:
+        raise RuntimeError(f"batched_eigh: cuSOLVER did not converge on {bad} of {nb} matrices")
     return w, v.transpose(0, 2, 1)
 
 

@@ -280,6 +280,14 @@ def nearest(xp, y, mids, ties_up: bool = False):
     return idx
 
 
+def _wht_groups(xp, x2, g: int, dp: int):
+    """Rows ``[n, D]`` zero-padded to ``dp`` columns, cut into WHT groups ``[n * dp / g, g]``."""
+    n, d = x2.shape
+    if dp != d:
+        x2 = xp.concatenate([x2, xp.zeros((n, dp - d), dtype=xp.float32)], axis=1)
+    return x2.reshape(n * (dp // g), g)
+
+
 # ---------------------------------------------------------------------------- row chunks
 
 #: Elements of one ``[rows, D]`` float32 work chunk on NumPy (1 MiB): a chunk's arrays stay in
@@ -593,15 +601,9 @@ class TurboQuant(Codec):
                 norm_corr=self.params["norm_correction"],
                 norm_f16=self.norm_dtype == "float16",
             )
-            arrays = {f"codes_{k}": v for k, v in planes.items()}
-            arrays["norms"] = norms
-            if self.bits == 4:
-                arrays["rnorms"] = xp.zeros((n, dp // g), dtype=xp.float16)
-            return arrays
+            return self._llama_arrays(planes, norms)
         if tq_kernels.tq_fused_ok(xp, g):
-            if dp != d:
-                x2 = xp.concatenate([x2, xp.zeros((n, dp - d), dtype=xp.float32)], axis=1)
-            xg = x2.reshape(n * (dp // g), g)
+            xg = _wht_groups(xp, x2, g, dp)
             planes, _, stored = tq_kernels.tq_encode_rows(
                 xp,
                 xg,
@@ -613,22 +615,25 @@ class TurboQuant(Codec):
                 ties_up=True,
                 norm_corr=self.params["norm_correction"],
             )
-            arrays = {f"codes_{k}": v.reshape(n, -1) for k, v in planes.items()}
-            arrays["norms"] = self._store_norm(stored).reshape(n, dp // g)
-            if self.bits == 4:
-                arrays["rnorms"] = xp.zeros((n, dp // g), dtype=xp.float16)
-            return arrays
+            planes = {k: v.reshape(n, -1) for k, v in planes.items()}
+            return self._llama_arrays(planes, self._store_norm(stored).reshape(n, dp // g))
         return join_chunks(
             xp, map_rows(xp, lambda rows: self._encode_llama_rows(x2[rows], g, dp, st), n, d)
         )
 
+    def _llama_arrays(self, planes: dict, norms) -> dict:
+        """The stored arrays of the llama.cpp layout: code planes and per-group norms ``[n, G]``."""
+        arrays = {f"codes_{k}": v for k, v in planes.items()}
+        arrays["norms"] = norms
+        if self.bits == 4:  # the fork's turbo4 block keeps a legacy fp16 rnorm, written as 0
+            arrays["rnorms"] = self.xp.zeros(norms.shape, dtype=self.xp.float16)
+        return arrays
+
     def _encode_llama_rows(self, x2, g: int, dp: int, st: dict) -> dict:
         """Array path: encode the rows ``x2: [rows, D]`` (rows are independent: any chunk)."""
         xp = self.xp
-        n, d = x2.shape
-        if dp != d:
-            x2 = xp.concatenate([x2, xp.zeros((n, dp - d), dtype=xp.float32)], axis=1)
-        xg = x2.reshape(n * (dp // g), g)
+        n = x2.shape[0]
+        xg = _wht_groups(xp, x2, g, dp)
         norm = self._rownorm(xg)
         inv = xp.where(norm > 1e-10, 1.0 / xp.where(norm > 0, norm, xp.float32(1.0)), 0.0)
         y = xg @ st["m"]
@@ -641,11 +646,7 @@ class TurboQuant(Codec):
         if self.params["norm_correction"]:
             c_hat = lut_decode(xp, packed, self.bits, st["lut"], dp).reshape(n * (dp // g), g)
             stored = self._safe_div(norm, self._rownorm(c_hat), 1e-10)
-        arrays = {f"codes_{k}": v for k, v in packed.items()}
-        arrays["norms"] = self._store_norm(stored).reshape(n, dp // g)
-        if self.bits == 4:  # the fork's turbo4 block keeps a legacy fp16 rnorm, written as 0
-            arrays["rnorms"] = xp.zeros((n, dp // g), dtype=xp.float16)
-        return arrays
+        return self._llama_arrays(packed, self._store_norm(stored).reshape(n, dp // g))
 
     def _decode_llama(self, enc: Encoded):
         xp = self.xp
